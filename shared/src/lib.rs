@@ -1,0 +1,19 @@
+//! Types and contracts shared by the PyRunner api and worker.
+//!
+//! - [`job`]: what a caller asks for and what travels on the queue.
+//! - [`limits`]: the server's limit policy and the per-run limits it resolves to.
+//! - [`outcome`]: the result of a run, as the API returns it.
+//! - [`store`]: where job state and results live (Redis, or memory in embedded mode).
+//! - [`queue`]: the RabbitMQ contract (queue name, message format, publisher).
+//! - [`runtime`]: what the Python runtime of a worker offers.
+
+pub mod job;
+pub mod limits;
+pub mod outcome;
+pub mod queue;
+pub mod runtime;
+pub mod store;
+
+pub use job::{Job, JobId, JobState, JobView, RunRequest};
+pub use limits::{LimitPolicy, RunLimits};
+pub use outcome::{ExceptionInfo, RunResult, RunStatus};

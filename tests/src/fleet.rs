@@ -1,0 +1,1 @@
+//! Running the real api and worker binaries.

@@ -1,0 +1,22 @@
+//! The PyRunner worker: takes jobs from the queue and runs each in a sandboxed Python process.
+//!
+//! - [`sandbox`]: the layers a run's process starts in (seccomp, rlimits, uid, session).
+//! - [`executor`]: one run from start to result.
+//! - [`classify`]: how a finished run maps to a status.
+//! - [`slots`]: how many runs go at once, and which uid each gets.
+//! - [`reaper`]: reaping the processes runs leave behind.
+//! - [`runtime`]: the Python runtime and its start-up probe.
+//! - [`consumer`]: the RabbitMQ consumer loop of a fleet worker.
+//! - [`config`]: command-line and environment configuration.
+
+pub mod classify;
+pub mod config;
+pub mod consumer;
+pub mod executor;
+pub mod reaper;
+pub mod runtime;
+pub mod sandbox;
+pub mod slots;
+
+pub use executor::Executor;
+pub use runtime::PythonRuntime;

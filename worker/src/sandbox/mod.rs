@@ -1,0 +1,103 @@
+//! The sandbox a run's Python process starts in: its own session and process group, resource
+//! limits, an unprivileged uid per run slot, `no_new_privs` and a seccomp filter.
+//!
+//! Namespaces, cgroups and Landlock are not applied yet; docs/SECURITY.md says what this leaves
+//! open.
+
+pub mod rlimits;
+pub mod seccomp;
+pub mod sys;
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Child, Command};
+use std::sync::Arc;
+
+use pyrunner_shared::RunLimits;
+use seccompiler::BpfProgram;
+use thiserror::Error;
+
+/// Settings of the sandbox that do not vary per run.
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    /// Largest file a run may write, in bytes.
+    pub max_file_bytes: u64,
+    /// Most descriptors a run's process may hold.
+    pub max_open_files: u64,
+    /// Most processes and threads a run may have at once.
+    pub max_processes: u64,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: 64 * 1024 * 1024,
+            max_open_files: 256,
+            max_processes: 64,
+        }
+    }
+}
+
+/// A sandbox that cannot be prepared.
+#[derive(Debug, Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+}
+
+/// The sandbox of a worker: settings and the compiled seccomp filters, shared by all runs.
+#[derive(Clone)]
+pub struct Sandbox {
+    settings: SandboxSettings,
+    filters: Arc<Vec<BpfProgram>>,
+}
+
+impl Sandbox {
+    /// Compiles the seccomp policy.
+    pub fn new(settings: SandboxSettings) -> Result<Self, SandboxError> {
+        Ok(Self {
+            filters: Arc::new(seccomp::compile(seccomp::POLICY)?),
+            settings,
+        })
+    }
+
+    /// The settings it was made with.
+    pub fn settings(&self) -> &SandboxSettings {
+        &self.settings
+    }
+
+    /// The protection layers every run gets, for logs and reports.
+    pub fn layers(&self) -> Vec<&'static str> {
+        vec![
+            "rlimits",
+            "process_group",
+            "no_new_privs",
+            "seccomp",
+            "empty_env",
+        ]
+    }
+
+    /// Spawns `command` inside the sandbox, as `uid` (and the same gid) when given. `code` (a
+    /// read end) becomes descriptor 3 and `report` (a write end) descriptor 4 of the child; the
+    /// parent's copies are closed.
+    pub fn spawn(
+        &self,
+        command: &mut Command,
+        limits: &RunLimits,
+        uid: Option<u32>,
+        code: OwnedFd,
+        report: OwnedFd,
+    ) -> io::Result<Child> {
+        let plan = sys::EntryPlan {
+            rlimits: rlimits::for_run(limits, &self.settings),
+            ids: uid.map(|u| (u, u)),
+            code_fd: code.as_raw_fd(),
+            report_fd: report.as_raw_fd(),
+            filters: Arc::clone(&self.filters),
+        };
+        sys::set_entry(command, plan);
+        let child = command.spawn();
+        drop((code, report));
+        child
+    }
+}

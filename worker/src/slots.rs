@@ -1,0 +1,207 @@
+//! Run slots: how many runs a worker carries out at once, and which uid each run gets.
+//!
+//! A worker that runs as root gives each slot a uid of its own, claimed host-wide: slot uids
+//! are taken from a range by holding an exclusive `flock` on one lock file per uid, so two
+//! workers on one host (sharing a PID namespace) never use the same uid. The end of a run kills
+//! every process of its uid, which is exact only because no one else uses that uid meanwhile.
+//! The kernel drops the locks when the worker exits, however it exits.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use nix::fcntl::{Flock, FlockArg};
+use thiserror::Error;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How many uids past the base are tried when claiming slot uids.
+const UID_RANGE: u32 = 4096;
+
+/// Slot uids cannot be claimed.
+#[derive(Debug, Error)]
+pub enum SlotError {
+    #[error("cannot create the slot lock directory {path}: {source}")]
+    LockDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no free sandbox uid in {base}..{end}: other workers hold them all")]
+    Exhausted { base: u32, end: u32 },
+}
+
+struct SlotState {
+    uid: Option<u32>,
+    _lock: Option<Flock<File>>,
+}
+
+/// A fixed set of numbered slots. Waiters are served in order of arrival.
+#[derive(Clone)]
+pub struct SlotPool {
+    states: Arc<Vec<SlotState>>,
+    free: Arc<Mutex<Vec<u32>>>,
+    permits: Arc<Semaphore>,
+}
+
+/// A slot held by one run; it returns to the pool when dropped.
+pub struct Slot {
+    index: u32,
+    uid: Option<u32>,
+    free: Arc<Mutex<Vec<u32>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl SlotPool {
+    /// A pool of `size` slots that keep the worker's own identity.
+    pub fn new(size: usize) -> Self {
+        let states = (0..size.max(1))
+            .map(|_| SlotState {
+                uid: None,
+                _lock: None,
+            })
+            .collect();
+        Self::from_states(states)
+    }
+
+    /// A pool of `size` slots, each with a uid of its own claimed from `base` upwards through
+    /// lock files in `lock_dir`.
+    pub fn with_uids(size: usize, base: u32, lock_dir: &Path) -> Result<Self, SlotError> {
+        std::fs::create_dir_all(lock_dir).map_err(|source| SlotError::LockDir {
+            path: lock_dir.to_path_buf(),
+            source,
+        })?;
+        let mut states = Vec::new();
+        for uid in base..base.saturating_add(UID_RANGE) {
+            if states.len() == size.max(1) {
+                break;
+            }
+            let Ok(file) = File::create(lock_dir.join(format!("uid-{uid}.lock"))) else {
+                continue;
+            };
+            if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                states.push(SlotState {
+                    uid: Some(uid),
+                    _lock: Some(lock),
+                });
+            }
+        }
+        if states.len() < size.max(1) {
+            return Err(SlotError::Exhausted {
+                base,
+                end: base.saturating_add(UID_RANGE),
+            });
+        }
+        Ok(Self::from_states(states))
+    }
+
+    fn from_states(states: Vec<SlotState>) -> Self {
+        let size = states.len();
+        Self {
+            states: Arc::new(states),
+            free: Arc::new(Mutex::new((0..size as u32).rev().collect())),
+            permits: Arc::new(Semaphore::new(size)),
+        }
+    }
+
+    /// Number of slots.
+    pub fn size(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Whether runs get a uid of their own.
+    pub fn has_uids(&self) -> bool {
+        self.states.iter().all(|s| s.uid.is_some())
+    }
+
+    /// Slots not in use right now.
+    pub fn available(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    /// Waits for a free slot.
+    pub async fn acquire(&self) -> Slot {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .expect("the slot semaphore is never closed");
+        let index = self
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .expect("a permit always has a free slot");
+        Slot {
+            index,
+            uid: self.states[index as usize].uid,
+            free: Arc::clone(&self.free),
+            _permit: permit,
+        }
+    }
+}
+
+impl Slot {
+    /// The slot's number, from 0 to the pool size.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The uid (and gid) runs in this slot take, if the slot has one.
+    pub fn uid(&self) -> Option<u32> {
+        self.uid
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[tokio::test]
+    async fn concurrent_slots_are_distinct_and_return_on_drop() {
+        let pool = SlotPool::new(3);
+        let held: Vec<Slot> = vec![
+            pool.acquire().await,
+            pool.acquire().await,
+            pool.acquire().await,
+        ];
+        let ids: HashSet<u32> = held.iter().map(Slot::index).collect();
+        assert_eq!(ids, HashSet::from([0, 1, 2]));
+        assert_eq!(pool.available(), 0);
+        let waiter = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.acquire().await.index() }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        drop(held);
+        assert!(waiter.await.unwrap() < 3);
+    }
+
+    #[tokio::test]
+    async fn two_pools_never_share_a_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SlotPool::with_uids(3, 70_000, dir.path()).unwrap();
+        let b = SlotPool::with_uids(3, 70_000, dir.path()).unwrap();
+        let uids =
+            |p: &SlotPool| -> HashSet<u32> { p.states.iter().filter_map(|s| s.uid).collect() };
+        assert_eq!(uids(&a).len(), 3);
+        assert!(
+            uids(&a).is_disjoint(&uids(&b)),
+            "{:?} {:?}",
+            uids(&a),
+            uids(&b)
+        );
+        drop(a);
+        // The first pool's uids are free again once it is gone.
+        let c = SlotPool::with_uids(3, 70_000, dir.path()).unwrap();
+        assert!(uids(&c).contains(&70_000));
+    }
+}
