@@ -1,0 +1,46 @@
+//! Fleet mode: jobs go to RabbitMQ, results come back through Redis.
+
+use pyrunner_shared::queue::{JobPublisher, QueueError};
+use pyrunner_shared::runtime::RuntimeInfo;
+use pyrunner_shared::store::{RedisStore, ResultStore};
+use pyrunner_shared::Job;
+
+/// The fleet backend.
+#[derive(Clone)]
+pub struct FleetBackend {
+    publisher: JobPublisher,
+    redis: RedisStore,
+    store: ResultStore,
+}
+
+impl FleetBackend {
+    /// Publishes with `publisher` and reads results from `redis`.
+    pub fn new(publisher: JobPublisher, redis: RedisStore) -> Self {
+        Self {
+            publisher,
+            store: ResultStore::Redis(redis.clone()),
+            redis,
+        }
+    }
+
+    pub(super) fn store(&self) -> &ResultStore {
+        &self.store
+    }
+
+    pub(super) async fn publish(&self, job: &Job) -> Result<(), QueueError> {
+        self.publisher.publish(job).await
+    }
+
+    pub(super) async fn readiness(&self) -> Result<(), String> {
+        match self.publisher.consumer_count().await {
+            Ok(0) => Err("no worker is consuming the job queue".into()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("broker unreachable: {e}")),
+        }
+    }
+
+    pub(super) async fn runtime_info(&self) -> Option<RuntimeInfo> {
+        let json = self.redis.runtime_info().await.ok().flatten()?;
+        serde_json::from_str(&json).ok()
+    }
+}

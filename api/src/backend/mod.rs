@@ -1,0 +1,99 @@
+//! Where accepted jobs go: to the fleet (RabbitMQ and Redis) or to the in-process embedded pool.
+
+pub mod embedded;
+pub mod fleet;
+
+use std::time::Duration;
+
+use pyrunner_shared::runtime::RuntimeInfo;
+use pyrunner_shared::store::{ResultStore, StoreError};
+use pyrunner_shared::{Job, JobId, JobView, RunResult};
+use thiserror::Error;
+
+pub use embedded::EmbeddedBackend;
+pub use fleet::FleetBackend;
+
+/// A job could not be accepted.
+#[derive(Debug, Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] pyrunner_shared::queue::QueueError),
+}
+
+/// The backend of an api process.
+#[derive(Clone)]
+pub enum Backend {
+    Fleet(FleetBackend),
+    Embedded(EmbeddedBackend),
+}
+
+impl Backend {
+    /// `"fleet"` or `"embedded"`.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Backend::Fleet(_) => "fleet",
+            Backend::Embedded(_) => "embedded",
+        }
+    }
+
+    fn store(&self) -> &ResultStore {
+        match self {
+            Backend::Fleet(b) => b.store(),
+            Backend::Embedded(b) => b.store(),
+        }
+    }
+
+    /// Accepts a job: records it as queued, then hands it to the workers.
+    pub async fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        self.store().mark_queued(job.id).await?;
+        match self {
+            Backend::Fleet(b) => b.publish(&job).await?,
+            Backend::Embedded(b) => b.enqueue(job),
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the job's result.
+    pub async fn wait_result(
+        &self,
+        id: JobId,
+        timeout: Duration,
+    ) -> Result<Option<RunResult>, StoreError> {
+        self.store().wait_result(id, timeout).await
+    }
+
+    /// The job's state and result.
+    pub async fn view(&self, id: JobId) -> Result<Option<JobView>, StoreError> {
+        self.store().view(id).await
+    }
+
+    /// Whether jobs can be served now; the error says what is missing.
+    pub async fn readiness(&self) -> Result<(), String> {
+        self.store()
+            .ping()
+            .await
+            .map_err(|e| format!("result store unreachable: {e}"))?;
+        match self {
+            Backend::Fleet(b) => b.readiness().await,
+            Backend::Embedded(_) => Ok(()),
+        }
+    }
+
+    /// What the workers' runtime offers, when known.
+    pub async fn runtime_info(&self) -> Option<RuntimeInfo> {
+        match self {
+            Backend::Fleet(b) => b.runtime_info().await,
+            Backend::Embedded(b) => Some(b.runtime_info().clone()),
+        }
+    }
+
+    /// The isolation layers of the runs, when known to this process.
+    pub fn isolation(&self) -> Option<Vec<&'static str>> {
+        match self {
+            Backend::Fleet(_) => None,
+            Backend::Embedded(b) => Some(b.layers()),
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The API's one error type: a stable machine-readable `code`, a human `message`, and the
+//! HTTP status. Details of server-side failures are logged, never sent.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use pyrunner_shared::JobId;
+use serde_json::json;
+
+/// An HTTP error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    job_id: Option<JobId>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            job_id: None,
+        }
+    }
+
+    /// The body is not valid JSON (or not UTF-8).
+    pub fn invalid_json(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_json", message)
+    }
+
+    /// The body is JSON but a field is missing, unknown or of the wrong type.
+    pub fn invalid_field(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+    }
+
+    /// A value is outside what the server allows.
+    pub fn out_of_range(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "limit_out_of_range",
+            message,
+        )
+    }
+
+    /// The body or the code is larger than allowed.
+    pub fn too_large(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, code, message)
+    }
+
+    /// The body is not declared as JSON.
+    pub fn unsupported_media_type() -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the request body as JSON with content-type: application/json",
+        )
+    }
+
+    /// No job with this id exists (or it has expired).
+    pub fn job_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "job_not_found",
+            format!("no job {id}: unknown, or its result has expired"),
+        )
+    }
+
+    /// The route does not exist.
+    pub fn route_not_found(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route {path}"),
+        )
+    }
+
+    /// The route exists with other methods.
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this method is not allowed on this route",
+        )
+    }
+
+    /// A synchronous run did not finish within its wait; the job goes on and can be polled.
+    pub fn result_not_ready(id: JobId) -> Self {
+        Self {
+            job_id: Some(id),
+            ..Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "result_not_ready",
+                format!("job {id} has no result yet; poll GET /jobs/{id}"),
+            )
+        }
+    }
+
+    /// A dependency (broker, store, workers) is unreachable. The cause is logged.
+    pub fn unavailable(context: &str, cause: impl std::fmt::Display) -> Self {
+        tracing::error!(%cause, "{context}");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            format!("{context}; try again shortly"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let Some(id) = self.job_id {
+            error["job_id"] = json!(id);
+        }
+        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        if let Some(id) = self.job_id {
+            if let Ok(location) = HeaderValue::from_str(&format!("/jobs/{id}")) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,144 @@
+//! The HTTP routes.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use pyrunner_shared::limits::LimitError;
+use pyrunner_shared::{Job, JobId, RunRequest};
+use serde_json::json;
+
+use crate::body::JsonBody;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The router of the api, over `state`.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(service_info))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/run", post(run_code))
+        .route("/jobs", post(submit_job))
+        .route("/jobs/{id}", get(get_job))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Resolves a request into a job, or says which field is wrong.
+fn accept(state: &AppState, request: RunRequest) -> Result<Job, ApiError> {
+    let limits = state.policy().resolve(&request).map_err(|e| match e {
+        LimitError::CodeTooLarge { .. } => ApiError::too_large("code_too_large", e.to_string()),
+        LimitError::StdinTooLarge { .. } => ApiError::too_large("stdin_too_large", e.to_string()),
+        _ => ApiError::out_of_range(e.to_string()),
+    })?;
+    Ok(Job {
+        id: JobId::new(),
+        code: request.code,
+        stdin: request.stdin,
+        limits,
+    })
+}
+
+async fn submit(state: &AppState, job: Job) -> Result<(), ApiError> {
+    state
+        .backend()
+        .submit(job)
+        .await
+        .map_err(|e| ApiError::unavailable("cannot queue the job", e))
+}
+
+/// `POST /run`: runs the code and answers with its result.
+async fn run_code(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<RunRequest>,
+) -> Result<Response, ApiError> {
+    let job = accept(&state, request)?;
+    let (id, wait) = (job.id, job.limits.timeout() + state.sync_margin());
+    submit(&state, job).await?;
+    match state.backend().wait_result(id, wait).await {
+        Ok(Some(result)) => Ok(Json(result).into_response()),
+        Ok(None) => Err(ApiError::result_not_ready(id)),
+        Err(e) => Err(ApiError::unavailable("cannot read the result", e)),
+    }
+}
+
+/// `POST /jobs`: queues the code and answers at once with the job id.
+async fn submit_job(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<RunRequest>,
+) -> Result<Response, ApiError> {
+    let job = accept(&state, request)?;
+    let id = job.id;
+    submit(&state, job).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/jobs/{id}"))],
+        Json(json!({ "id": id, "status": "queued" })),
+    )
+        .into_response())
+}
+
+/// `GET /jobs/{id}`: the job's state, and its result once done.
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let Ok(job_id) = id.parse::<JobId>() else {
+        return Err(ApiError::job_not_found(&id));
+    };
+    match state.backend().view(job_id).await {
+        Ok(Some(view)) => Ok(Json(view).into_response()),
+        Ok(None) => Err(ApiError::job_not_found(&id)),
+        Err(e) => Err(ApiError::unavailable("cannot read the job", e)),
+    }
+}
+
+/// `GET /healthz`: the process is alive.
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: the broker, the store and at least one worker can be reached.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let check = tokio::time::timeout(Duration::from_secs(3), state.backend().readiness()).await;
+    match check.unwrap_or_else(|_| Err("readiness check timed out".into())) {
+        Ok(()) => {
+            Json(json!({ "status": "ready", "mode": state.backend().mode() })).into_response()
+        }
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            Json(json!({ "status": "unavailable", "reason": reason })),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /`: version, mode, effective limits, and the preinstalled packages.
+async fn service_info(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let backend = state.backend();
+    let runtime = backend.runtime_info().await;
+    Json(json!({
+        "name": "pyrunner",
+        "version": env!("CARGO_PKG_VERSION"),
+        "mode": backend.mode(),
+        "limits": state.policy(),
+        "python": runtime.as_ref().map(|r| r.python.clone()),
+        "packages": runtime.map(|r| r.packages),
+        "isolation": backend.isolation(),
+    }))
+}
+
+async fn route_not_found(uri: Uri) -> ApiError {
+    ApiError::route_not_found(uri.path())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}

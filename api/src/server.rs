@@ -1,0 +1,99 @@
+//! Start-up: builds the backend the configuration asks for and serves the router.
+
+use std::future::Future;
+
+use pyrunner_shared::queue::{JobPublisher, QueueError};
+use pyrunner_shared::store::{RedisStore, StoreError};
+use pyrunner_worker::config::SetupError;
+use pyrunner_worker::runtime::RuntimeError;
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+use crate::backend::{Backend, EmbeddedBackend, FleetBackend};
+use crate::config::ApiConfig;
+use crate::routes::app;
+use crate::state::AppState;
+
+/// The api cannot start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("invalid limits: {0}")]
+    Limits(String),
+    #[error("set both AMQP_URL and REDIS_URL for fleet mode, or neither for embedded mode")]
+    HalfFleet,
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A built api: its state, plus what must live as long as it (the embedded work root).
+pub struct Api {
+    pub state: AppState,
+    _work_root: Option<tempfile::TempDir>,
+}
+
+impl Api {
+    /// Builds the backend: fleet when both URLs are set, embedded when neither is.
+    pub async fn build(config: &ApiConfig) -> Result<Self, StartError> {
+        let policy = config.policy();
+        policy.validate().map_err(StartError::Limits)?;
+        let (backend, work_root) = match (&config.amqp_url, &config.redis_url) {
+            (Some(amqp), Some(redis)) => {
+                let publisher = JobPublisher::connect(amqp).await?;
+                let redis = RedisStore::new(redis, config.result_ttl(), config.max_sync_waiters)?;
+                (Backend::Fleet(FleetBackend::new(publisher, redis)), None)
+            }
+            (None, None) => {
+                let (executor, work_root) = config.executor.build()?;
+                let runtime = executor.runtime().probe(&executor).await?;
+                tracing::info!(
+                    python = %runtime.python,
+                    concurrency = executor.slots().size(),
+                    layers = ?executor.layers(),
+                    "embedded runtime ready"
+                );
+                let backend = EmbeddedBackend::new(executor, runtime, config.result_ttl());
+                (Backend::Embedded(backend), Some(work_root))
+            }
+            _ => return Err(StartError::HalfFleet),
+        };
+        Ok(Self {
+            state: AppState::new(backend, policy, config.sync_margin()),
+            _work_root: work_root,
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then finishes the requests in flight.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        axum::serve(listener, app(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(StartError::Serve)
+    }
+}
+
+/// Binds the configured address.
+pub async fn listen(config: &ApiConfig) -> Result<TcpListener, StartError> {
+    TcpListener::bind(config.bind)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.bind,
+            source,
+        })
+}

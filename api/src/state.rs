@@ -1,0 +1,54 @@
+//! The state every handler shares.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyrunner_shared::LimitPolicy;
+
+use crate::backend::Backend;
+
+/// Shared, cheaply cloned state of the api.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Backend,
+    policy: LimitPolicy,
+    sync_margin: Duration,
+}
+
+impl AppState {
+    /// State over `backend`, enforcing `policy`; a synchronous run waits for its timeout plus
+    /// `sync_margin` before answering 504.
+    pub fn new(backend: Backend, policy: LimitPolicy, sync_margin: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                policy,
+                sync_margin,
+            }),
+        }
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.inner.backend
+    }
+
+    pub fn policy(&self) -> &LimitPolicy {
+        &self.inner.policy
+    }
+
+    pub fn sync_margin(&self) -> Duration {
+        self.inner.sync_margin
+    }
+
+    /// Largest request body read. JSON escapes can make a string up to six times longer than
+    /// its text (`\u0000`), so the body may be larger than the code and stdin limits; what
+    /// counts for those limits is checked after parsing.
+    pub fn body_limit(&self) -> usize {
+        let p = &self.inner.policy;
+        (6 * (p.max_code_bytes + p.max_stdin_bytes) + 64 * 1024) as usize
+    }
+}
