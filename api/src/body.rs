@@ -21,14 +21,24 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             return Err(ApiError::unsupported_media_type());
         }
         let limit = state.body_limit();
+        let too_large = || {
+            ApiError::too_large(
+                "body_too_large",
+                format!("the request body is larger than {limit} bytes"),
+            )
+        };
+        // A declared length past the limit is refused before any of the body is read.
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
-            .map_err(|_| {
-                ApiError::too_large(
-                    "body_too_large",
-                    format!("the request body is larger than {limit} bytes"),
-                )
-            })?;
+            .map_err(|_| too_large())?;
         parse(&bytes).map(JsonBody)
     }
 }
@@ -54,6 +64,16 @@ pub fn parse<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
         return Err(ApiError::invalid_json(
             "the request body is empty; send a JSON object",
         ));
+    }
+    // serde also accepts a struct written as an array of its fields; a request is an object.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Ok(_) => ApiError::invalid_field("the request body must be a JSON object"),
+                Err(e) => ApiError::invalid_json(format!("the body is not valid JSON: {e}")),
+            },
+        );
     }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
@@ -103,6 +123,9 @@ mod tests {
         assert_eq!(status_and_message(b"{\"code\": \"1\"} x").0, 400);
         assert_eq!(status_and_message(b"{}").0, 422);
         assert_eq!(status_and_message(b"[]").0, 422);
+        assert_eq!(status_and_message(b"[\"print(1)\"]").0, 422);
+        assert_eq!(status_and_message(b"\"print(1)\"").0, 422);
+        assert_eq!(status_and_message(b"[1,").0, 400);
         assert_eq!(status_and_message(b"{\"code\": 1}").0, 422);
         assert_eq!(
             status_and_message(b"{\"code\": \"1\", \"timeout_ms\": \"5\"}").0,

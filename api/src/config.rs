@@ -23,6 +23,9 @@ pub struct ApiConfig {
     /// Redis URL (fleet mode).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Name of the job queue (fleet mode).
+    #[arg(long, env = "PYRUNNER_QUEUE", default_value = pyrunner_shared::queue::DEFAULT_QUEUE)]
+    pub queue: String,
     /// How long results stay retrievable, in seconds.
     #[arg(long, env = "PYRUNNER_RESULT_TTL_SECS", default_value_t = 3600)]
     pub result_ttl_secs: u64,

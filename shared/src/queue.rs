@@ -12,8 +12,8 @@ use thiserror::Error;
 
 use crate::job::Job;
 
-/// The durable queue every job goes through.
-pub const JOB_QUEUE: &str = "pyrunner.jobs";
+/// The default name of the durable queue every job goes through.
+pub const DEFAULT_QUEUE: &str = "pyrunner.jobs";
 
 /// A failure to reach or use the broker.
 #[derive(Debug, Error)]
@@ -22,8 +22,8 @@ pub enum QueueError {
     Connect(#[source] lapin::Error),
     #[error("cannot open a channel: {0}")]
     OpenChannel(#[source] lapin::Error),
-    #[error("cannot declare queue {JOB_QUEUE}: {0}")]
-    Declare(#[source] lapin::Error),
+    #[error("cannot declare queue {queue}: {source}")]
+    Declare { queue: String, source: lapin::Error },
     #[error("cannot publish job {id}: {source}")]
     Publish { id: String, source: lapin::Error },
     #[error("the broker refused job {id}")]
@@ -42,16 +42,23 @@ pub async fn connect(url: &str) -> Result<Connection, QueueError> {
         .map_err(QueueError::Connect)
 }
 
-async fn declare(channel: &Channel, passive: bool) -> Result<lapin::Queue, QueueError> {
+async fn declare(
+    channel: &Channel,
+    queue: &str,
+    passive: bool,
+) -> Result<lapin::Queue, QueueError> {
     let options = QueueDeclareOptions {
         durable: true,
         passive,
         ..QueueDeclareOptions::default()
     };
     channel
-        .queue_declare(JOB_QUEUE.into(), options, FieldTable::default())
+        .queue_declare(queue.into(), options, FieldTable::default())
         .await
-        .map_err(QueueError::Declare)
+        .map_err(|source| QueueError::Declare {
+            queue: queue.to_owned(),
+            source,
+        })
 }
 
 /// Encodes a job as a queue message body.
@@ -69,11 +76,12 @@ pub fn decode(body: &[u8]) -> Result<Job, serde_json::Error> {
 pub struct JobPublisher {
     connection: std::sync::Arc<Connection>,
     channel: Channel,
+    queue: String,
 }
 
 impl JobPublisher {
-    /// Opens a confirming channel on a new connection and declares the queue.
-    pub async fn connect(url: &str) -> Result<Self, QueueError> {
+    /// Opens a confirming channel on a new connection and declares `queue`.
+    pub async fn connect(url: &str, queue: &str) -> Result<Self, QueueError> {
         let connection = connect(url).await?;
         let channel = connection
             .create_channel()
@@ -83,10 +91,11 @@ impl JobPublisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(QueueError::OpenChannel)?;
-        declare(&channel, false).await?;
+        declare(&channel, queue, false).await?;
         Ok(Self {
             connection: std::sync::Arc::new(connection),
             channel,
+            queue: queue.to_owned(),
         })
     }
 
@@ -105,7 +114,7 @@ impl JobPublisher {
             .channel
             .basic_publish(
                 "".into(),
-                JOB_QUEUE.into(),
+                self.queue.as_str().into(),
                 BasicPublishOptions::default(),
                 &encode(job),
                 props,
@@ -126,13 +135,16 @@ impl JobPublisher {
         if !self.connection.status().connected() {
             return Err(QueueError::Disconnected);
         }
-        Ok(declare(&self.channel, true).await?.consumer_count())
+        Ok(declare(&self.channel, &self.queue, true)
+            .await?
+            .consumer_count())
     }
 }
 
-/// Opens a consuming channel with `prefetch` unacknowledged messages at most.
+/// Opens a channel consuming `queue`, with `prefetch` unacknowledged messages at most.
 pub async fn consume(
     connection: &Connection,
+    queue: &str,
     prefetch: u16,
     tag: &str,
 ) -> Result<(Channel, Consumer), QueueError> {
@@ -144,10 +156,10 @@ pub async fn consume(
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
         .map_err(QueueError::Consume)?;
-    declare(&channel, false).await?;
+    declare(&channel, queue, false).await?;
     let consumer = channel
         .basic_consume(
-            JOB_QUEUE.into(),
+            queue.into(),
             tag.into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),

@@ -74,6 +74,332 @@ pub async fn run_all(executor: &Executor, cases: Vec<Case>) -> Vec<String> {
     failures
 }
 
+/// One or more cases for every status a run can end with.
+pub fn statuses() -> Vec<Case> {
+    vec![
+        case("hello", "print('hello')", RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "hello\n");
+            assert_eq!(r.exit_code, Some(0));
+            assert!(r.exception.is_none());
+        }),
+        case(
+            "stdout and stderr apart",
+            "import sys\nprint('out')\nprint('err', file=sys.stderr)",
+            RunStatus::Success,
+            |r| {
+                assert_eq!(r.stdout, "out\n");
+                assert_eq!(r.stderr, "err\n");
+            },
+        ),
+        Case {
+            stdin: Some("3\n4\n"),
+            ..case(
+                "stdin",
+                "a = int(input()); b = int(input()); print(a * b)",
+                RunStatus::Success,
+                |r| assert_eq!(r.stdout, "12\n"),
+            )
+        },
+        case(
+            "no stdin reads eof",
+            "import sys; print(repr(sys.stdin.read()))",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "''\n"),
+        ),
+        case(
+            "sympy",
+            "import sympy; print(sympy.factorint(10**10))",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "{2: 10, 5: 10}\n"),
+        ),
+        case(
+            "numpy",
+            "import numpy as np; print(np.arange(10).sum())",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "45\n"),
+        ),
+        case(
+            "unicode",
+            "print('héllo ∑ 😀')",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "héllo ∑ 😀\n"),
+        ),
+        case(
+            "uncaught exception",
+            "def f():\n    return 1 / 0\nf()",
+            RunStatus::Error,
+            |r| {
+                let e = r.exception.as_ref().expect("exception reported");
+                assert_eq!(e.kind, "ZeroDivisionError");
+                assert_eq!(e.message, "division by zero");
+                assert!(
+                    e.traceback.contains("main.py\", line 2, in f"),
+                    "{}",
+                    e.traceback
+                );
+                assert!(e.traceback.contains("return 1 / 0"), "{}", e.traceback);
+                assert!(
+                    !e.traceback.contains("_pyrunner"),
+                    "harness frames leak: {}",
+                    e.traceback
+                );
+                assert_eq!(r.exit_code, Some(1));
+                assert!(r.stderr.contains("ZeroDivisionError"));
+            },
+        ),
+        case("syntax error", "print(", RunStatus::Error, |r| {
+            assert_eq!(r.exception.as_ref().unwrap().kind, "SyntaxError");
+        }),
+        case(
+            "exception from a module",
+            "import json; json.loads('{')",
+            RunStatus::Error,
+            |r| {
+                assert_eq!(
+                    r.exception.as_ref().unwrap().kind,
+                    "json.decoder.JSONDecodeError"
+                );
+            },
+        ),
+        case(
+            "sys.exit with a code",
+            "import sys; print('x'); sys.exit(3)",
+            RunStatus::Error,
+            |r| {
+                assert_eq!(r.exit_code, Some(3));
+                assert!(r.exception.is_none());
+                assert_eq!(r.stdout, "x\n");
+            },
+        ),
+        case(
+            "sys.exit(0) is success",
+            "import sys; sys.exit(0)",
+            RunStatus::Success,
+            no_check,
+        ),
+        case(
+            "__name__ is __main__",
+            "print(__name__)",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "__main__\n"),
+        ),
+        Case {
+            timeout_ms: Some(1000),
+            ..case(
+                "infinite loop",
+                "while True: pass",
+                RunStatus::Timeout,
+                |r| {
+                    assert!(
+                        r.duration_ms >= 1000 && r.duration_ms < 3000,
+                        "{}",
+                        r.duration_ms
+                    );
+                },
+            )
+        },
+        Case {
+            timeout_ms: Some(1000),
+            ..case(
+                "sleep past the deadline",
+                "import time; print('start', flush=True); time.sleep(60)",
+                RunStatus::Timeout,
+                |r| {
+                    assert_eq!(r.stdout, "start\n");
+                },
+            )
+        },
+        Case {
+            memory_mb: Some(128),
+            ..case(
+                "memory hog",
+                "x = bytearray(512 * 1024 * 1024)",
+                RunStatus::MemoryExceeded,
+                |r| {
+                    assert_eq!(r.exception.as_ref().unwrap().kind, "MemoryError");
+                },
+            )
+        },
+        Case {
+            memory_mb: Some(256),
+            ..case(
+                "numpy memory hog",
+                "import numpy as np; a = np.ones((1 << 30,))",
+                RunStatus::MemoryExceeded,
+                no_check,
+            )
+        },
+        case(
+            "growing list",
+            "x = []\nwhile True: x.append(' ' * 10**6)",
+            RunStatus::MemoryExceeded,
+            no_check,
+        ),
+        case(
+            "stdout flood",
+            "import sys\nwhile True: sys.stdout.write('x' * 65536)",
+            RunStatus::OutputLimitExceeded,
+            |r| {
+                assert_eq!(r.stdout.len(), 1024 * 1024);
+                assert!(r.stdout_truncated);
+                assert!(!r.stderr_truncated);
+            },
+        ),
+        case(
+            "stderr flood",
+            "import os\nwhile True: os.write(2, b'e' * 65536)",
+            RunStatus::OutputLimitExceeded,
+            |r| {
+                assert_eq!(r.stderr.len(), 1024 * 1024);
+                assert!(r.stderr_truncated);
+            },
+        ),
+        case(
+            "killed by a signal",
+            "import os, signal; os.kill(os.getpid(), signal.SIGTERM)",
+            RunStatus::Killed,
+            |r| {
+                assert_eq!(r.signal, Some(libc_sigterm()));
+            },
+        ),
+        case(
+            "segfault through ctypes",
+            "import ctypes; ctypes.string_at(0)",
+            RunStatus::Killed,
+            |r| {
+                assert_eq!(r.signal, Some(11));
+            },
+        ),
+    ]
+}
+
+fn libc_sigterm() -> i32 {
+    15
+}
+
+fn exception(r: &RunResult) -> &str {
+    r.exception.as_ref().map_or("", |e| e.kind.as_str())
+}
+
+fn denied(r: &RunResult) {
+    assert_eq!(exception(r), "PermissionError", "{r:#?}");
+}
+
+/// A snippet that calls a system call through ctypes and prints the errno it failed with.
+macro_rules! syscall_errno {
+    ($nr:expr, $args:expr) => {
+        concat!(
+            "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n",
+            "rc = libc.syscall(",
+            $nr,
+            $args,
+            ")\n",
+            "print(rc, os.strerror(ctypes.get_errno()) if rc == -1 else 'ok')"
+        )
+    };
+}
+
+/// Hostile code, each case with the outcome that proves a layer holds. The worker's
+/// environment must hold `PYRUNNER_TEST_SECRET`, which no run may see.
+pub fn hostile() -> Vec<Case> {
+    vec![
+        case("inet socket", "import socket; socket.socket(socket.AF_INET)", RunStatus::Error, denied),
+        case("inet6 socket", "import socket; socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)", RunStatus::Error, denied),
+        case("raw socket", "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)", RunStatus::Error, denied),
+        case("packet socket", "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)", RunStatus::Error, denied),
+        case("netlink socket", "import socket; socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)", RunStatus::Error, denied),
+        case("vsock", "import socket; socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)", RunStatus::Error, denied),
+        case("dns lookup", "import socket; socket.getaddrinfo('example.com', 80)", RunStatus::Error, |r| {
+            assert!(exception(r).contains("gaierror") || exception(r) == "PermissionError", "{r:#?}")
+        }),
+        case(
+            "connect to redis over a unix socket",
+            "import socket; s = socket.socket(socket.AF_UNIX); s.connect('/var/run/redis/redis-server.sock')",
+            RunStatus::Error,
+            denied,
+        ),
+        case(
+            "unix socket pair still works",
+            "import socket; a, b = socket.socketpair(); a.send(b'hi'); print(b.recv(2))",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "b'hi'\n"),
+        ),
+        case("environment is empty of the worker's variables", "import os; print(sorted(os.environ))", RunStatus::Success, |r| {
+            assert!(!r.stdout.contains("PYRUNNER_TEST_SECRET"), "{}", r.stdout);
+            assert!(!r.stdout.contains("REDIS_URL") && !r.stdout.contains("AMQP_URL"), "{}", r.stdout);
+        }),
+        case("runs as an unprivileged uid", "import os; print(os.getuid(), os.geteuid(), os.getgroups())", RunStatus::Success, |r| {
+            let uid: u32 = r.stdout.split_whitespace().next().unwrap().parse().unwrap();
+            assert!(uid >= 64_000, "{}", r.stdout);
+            assert!(r.stdout.trim_end().ends_with("[]"), "{}", r.stdout);
+        }),
+        case("reading /etc/shadow", "open('/etc/shadow').read()", RunStatus::Error, denied),
+        case("reading the worker's environment", "open('/proc/1/environ').read()", RunStatus::Error, denied),
+        case("writing outside the working directory", "open('/etc/pyrunner-test', 'w')", RunStatus::Error, denied),
+        case("writing in the working directory", "open('f.txt', 'w').write('x'); print(open('f.txt').read())", RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "x\n")
+        }),
+        case("setuid to root", "import os; os.setuid(0)", RunStatus::Error, denied),
+        case("ptrace", syscall_errno!("101", ", 16, 1, 0, 0"), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Operation not permitted\n")
+        }),
+        case("process_vm_readv", syscall_errno!("310", ", 1, 0, 0, 0, 0, 0"), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Operation not permitted\n")
+        }),
+        case("unshare a user namespace", syscall_errno!("272", ", 0x10000000"), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Operation not permitted\n")
+        }),
+        case("clone into a new pid namespace", syscall_errno!("56", ", 0x20000000 | 17, 0, 0, 0, 0"), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Operation not permitted\n")
+        }),
+        case("bpf", syscall_errno!("321", ", 0, 0, 0"), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Operation not permitted\n")
+        }),
+        case("keyctl", syscall_errno!("250", ", 0, 0, 0"), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Operation not permitted\n")
+        }),
+        case("io_uring_setup", syscall_errno!("425", ", 8, 0"), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Function not implemented\n")
+        }),
+        case("userfaultfd", syscall_errno!("323", ", 0"), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Operation not permitted\n")
+        }),
+        case("mount", syscall_errno!("165", ", 0, 0, 0, 0, 0"), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Operation not permitted\n")
+        }),
+        case("x32 system call number", syscall_errno!("0x40000000 | 39", ""), RunStatus::Killed, |r| {
+            assert_eq!(r.signal, Some(31), "SIGSYS expected: {r:#?}")
+        }),
+        case(
+            "threads still start (clone3 falls back to clone)",
+            "import threading\nt = threading.Thread(target=print, args=('thread',))\nt.start(); t.join()",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "thread\n"),
+        ),
+        case(
+            "subprocesses still start",
+            "import subprocess; print(subprocess.run(['echo', 'child'], capture_output=True, text=True).stdout, end='')",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "child\n"),
+        ),
+        Case {
+            timeout_ms: Some(3000),
+            ..case(
+                "fork bomb",
+                "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+                RunStatus::Timeout,
+                no_check,
+            )
+        },
+        case(
+            "process limit",
+            "import os\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            import time; time.sleep(30)\n        n += 1\nexcept OSError as e:\n    print('stopped', n < 64)",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "stopped True\n"),
+        ),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

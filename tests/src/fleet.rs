@@ -1,1 +1,201 @@
-//! Running the real api and worker binaries.
+//! Running the real api and worker binaries against the real RabbitMQ and Redis. Each fleet
+//! uses a queue of its own, so fleets of tests running in parallel never take each other's jobs.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lapin::options::QueueDeleteOptions;
+
+/// RabbitMQ of the test machine (override with AMQP_URL).
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Redis of the test machine (override with REDIS_URL).
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Panics with a clear message when RabbitMQ or Redis cannot be reached.
+pub fn require_services() {
+    for (name, url, port) in [("RabbitMQ", amqp_url(), 5672), ("Redis", redis_url(), 6379)] {
+        let host = url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.rsplit('@').next())
+            .and_then(|h| h.split('/').next())
+            .unwrap_or("127.0.0.1")
+            .to_owned();
+        let addr = if host.contains(':') {
+            host
+        } else {
+            format!("{host}:{port}")
+        };
+        let reachable = addr
+            .parse()
+            .ok()
+            .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok())
+            .is_some();
+        assert!(
+            reachable,
+            "{name} is not reachable at {addr} ({url}); start it, or set the URL"
+        );
+    }
+}
+
+/// The directory holding the workspace's binaries (next to the test executable's `deps/`).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+/// The path of a workspace binary; panics with the command that builds it when missing.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build --bins` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A fleet: one api process and any number of worker processes on a queue of their own.
+pub struct Fleet {
+    pub queue: String,
+    pub url: String,
+    env: Vec<(String, String)>,
+    api: Child,
+    workers: Vec<(Child, PathBuf)>,
+    logs: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Starts an api and `workers` workers, with extra environment variables for all of them,
+    /// and waits until the api answers (and, with workers, until it is ready).
+    pub async fn start(workers: usize, env: &[(&str, &str)]) -> Fleet {
+        require_services();
+        let queue = format!("pyrunner.test.{}", uuid::Uuid::new_v4());
+        let port = free_port();
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.extend([
+            ("AMQP_URL".into(), amqp_url()),
+            ("REDIS_URL".into(), redis_url()),
+            ("PYRUNNER_QUEUE".into(), queue.clone()),
+            (
+                "PYRUNNER_RUNTIME_DIR".into(),
+                crate::runtime_dir().display().to_string(),
+            ),
+            ("RUST_LOG".into(), "info".into()),
+        ]);
+        let logs = tempfile::tempdir().expect("log dir");
+        let mut api_cmd = Command::new(binary("pyrunner-api"));
+        api_cmd
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("PYRUNNER_BIND", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(logs.path().join("api.log")).unwrap());
+        let api = api_cmd.spawn().expect("start the api");
+        let mut fleet = Fleet {
+            queue,
+            url: format!("http://127.0.0.1:{port}"),
+            env,
+            api,
+            workers: Vec::new(),
+            logs,
+        };
+        fleet.wait_for("/healthz").await;
+        for _ in 0..workers {
+            fleet.add_worker();
+        }
+        if workers > 0 {
+            fleet.wait_for("/readyz").await;
+        }
+        fleet
+    }
+
+    /// Starts one more worker; returns its index.
+    pub fn add_worker(&mut self) -> usize {
+        let index = self.workers.len();
+        let log = self.logs.path().join(format!("worker-{index}.log"));
+        let child = Command::new(binary("pyrunner-worker"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a worker");
+        self.workers.push((child, log));
+        index
+    }
+
+    /// Waits until `path` answers 200 (at most 30 s).
+    pub async fn wait_for(&self, path: &str) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(format!("{}{path}", self.url)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} not ready in 30 s:\n{}",
+                self.api_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What worker `index` has logged so far.
+    pub fn worker_log(&self, index: usize) -> String {
+        std::fs::read_to_string(&self.workers[index].1).unwrap_or_default()
+    }
+
+    /// What the api has logged so far.
+    pub fn api_log(&self) -> String {
+        std::fs::read_to_string(self.logs.path().join("api.log")).unwrap_or_default()
+    }
+
+    /// Stops every process and deletes the fleet's queue.
+    pub async fn stop(mut self) {
+        self.kill();
+        if let Ok(conn) = pyrunner_shared::queue::connect(&amqp_url()).await {
+            if let Ok(channel) = conn.create_channel().await {
+                let _ = channel
+                    .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            let _ = conn.close(200, "done".into()).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.api.kill();
+        let _ = self.api.wait();
+        for (worker, _) in &mut self.workers {
+            let _ = worker.kill();
+            let _ = worker.wait();
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod catalogue;
 pub mod fleet;
+pub mod http;
 
 use std::path::PathBuf;
 

@@ -54,6 +54,7 @@ pub async fn process_job(
 /// Consumes jobs until `shutdown` completes, then finishes the runs in flight.
 pub async fn consume(
     amqp_url: &str,
+    queue_name: &str,
     executor: Executor,
     store: ResultStore,
     shutdown: impl Future<Output = ()>,
@@ -61,8 +62,8 @@ pub async fn consume(
     let connection = queue::connect(amqp_url).await?;
     let prefetch = u16::try_from(executor.slots().size()).unwrap_or(u16::MAX);
     let tag = format!("pyrunner-worker-{}", std::process::id());
-    let (channel, mut consumer) = queue::consume(&connection, prefetch, &tag).await?;
-    tracing::info!(prefetch, "consuming jobs");
+    let (channel, mut consumer) = queue::consume(&connection, queue_name, prefetch, &tag).await?;
+    tracing::info!(queue = queue_name, prefetch, "consuming jobs");
     let mut in_flight = JoinSet::new();
     tokio::pin!(shutdown);
     let outcome = loop {

@@ -29,8 +29,14 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("cannot reach redis")?;
     let store = ResultStore::Redis(redis);
-    pyrunner_worker::consumer::consume(&config.amqp_url, executor, store, shutdown_signal())
-        .await?;
+    pyrunner_worker::consumer::consume(
+        &config.amqp_url,
+        &config.queue,
+        executor,
+        store,
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -1,0 +1,151 @@
+//! HTTP helpers: an embedded api served in-process on a real socket, and calls to any api.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use pyrunner_api::config::ApiConfig;
+use pyrunner_api::server::Api;
+use pyrunner_shared::{JobView, RunResult};
+use serde_json::{json, Value};
+
+/// An embedded api served on a loopback port until dropped.
+pub struct EmbeddedApi {
+    pub url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl EmbeddedApi {
+    /// Starts one with the given flags on top of the test defaults (2 slots, the prepared
+    /// runtime, and never fleet mode).
+    pub async fn start(flags: &[&str]) -> EmbeddedApi {
+        let runtime = crate::runtime_dir().display().to_string();
+        let mut args = vec!["pyrunner-api", "--runtime-dir", &runtime];
+        if !flags.contains(&"--concurrency") {
+            args.extend(["--concurrency", "2"]);
+        }
+        args.extend_from_slice(flags);
+        let mut config = ApiConfig::try_parse_from(args).expect("valid test flags");
+        config.amqp_url = None;
+        config.redis_url = None;
+        let api = Api::build(&config).await.expect("embedded api starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(api.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        EmbeddedApi {
+            url,
+            shutdown: Some(tx),
+        }
+    }
+}
+
+impl Drop for EmbeddedApi {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A response: status code and JSON body (null when the body is not JSON).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+/// Sends a request with a raw body and content type.
+pub async fn send(method: &str, url: &str, body: Option<(&str, Vec<u8>)>) -> Reply {
+    let client = reqwest::Client::new();
+    let mut req = client.request(method.parse().unwrap(), url);
+    if let Some((content_type, bytes)) = body {
+        req = req.header("content-type", content_type).body(bytes);
+    }
+    let resp = req.send().await.expect("request sent");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.unwrap_or_default();
+    Reply {
+        status,
+        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        headers,
+    }
+}
+
+/// POSTs a JSON value.
+pub async fn post_json(url: &str, body: &Value) -> Reply {
+    send(
+        "POST",
+        url,
+        Some(("application/json", serde_json::to_vec(body).unwrap())),
+    )
+    .await
+}
+
+/// GETs a path.
+pub async fn get(url: &str) -> Reply {
+    send("GET", url, None).await
+}
+
+/// Runs code synchronously; panics unless the answer is 200.
+pub async fn run(base: &str, request: &Value) -> RunResult {
+    let reply = post_json(&format!("{base}/run"), request).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    serde_json::from_value(reply.body).expect("a run result")
+}
+
+/// The request body for a catalogue case.
+pub fn request_for(case: &crate::catalogue::Case) -> Value {
+    let mut body = json!({ "code": case.code });
+    if let Some(stdin) = case.stdin {
+        body["stdin"] = json!(stdin);
+    }
+    if let Some(t) = case.timeout_ms {
+        body["timeout_ms"] = json!(t);
+    }
+    if let Some(m) = case.memory_mb {
+        body["memory_mb"] = json!(m);
+    }
+    body
+}
+
+/// Runs each case through `POST /run` and returns the failures.
+pub async fn run_cases(base: &str, cases: Vec<crate::catalogue::Case>) -> Vec<String> {
+    let mut failures = Vec::new();
+    for case in cases {
+        let reply = post_json(&format!("{base}/run"), &request_for(&case)).await;
+        if reply.status != 200 {
+            failures.push(format!(
+                "{}: HTTP {} {}",
+                case.name, reply.status, reply.body
+            ));
+            continue;
+        }
+        let result: RunResult = serde_json::from_value(reply.body).expect("a run result");
+        if let Err(e) = crate::catalogue::verify(&case, &result) {
+            failures.push(e);
+        }
+    }
+    failures
+}
+
+/// Polls `GET /jobs/{id}` until the job is done (at most `within`).
+pub async fn poll_done(base: &str, id: &str, within: Duration) -> JobView {
+    let deadline = Instant::now() + within;
+    loop {
+        let reply = get(&format!("{base}/jobs/{id}")).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let view: JobView = serde_json::from_value(reply.body).unwrap();
+        if view.result.is_some() {
+            return view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} not done within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,184 @@
+//! The fleet end to end: the real api and worker binaries, the real RabbitMQ and Redis.
+
+use std::time::{Duration, Instant};
+
+use pyrunner_shared::RunStatus;
+use pyrunner_tests::catalogue::statuses;
+use pyrunner_tests::fleet::Fleet;
+use pyrunner_tests::http::{get, poll_done, post_json, run, run_cases};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_status_through_the_fleet() {
+    let fleet = Fleet::start(1, &[("PYRUNNER_TEST_SECRET", "s3cret")]).await;
+    let failures = run_cases(&fleet.url, statuses()).await;
+    assert!(
+        failures.is_empty(),
+        "failed cases:\n{}",
+        failures.join("\n")
+    );
+    // The worker's own environment (broker and store URLs, secrets) never reaches a run.
+    let env = run(
+        &fleet.url,
+        &json!({ "code": "import os; print(sorted(os.environ))" }),
+    )
+    .await;
+    for leaked in ["PYRUNNER_TEST_SECRET", "AMQP_URL", "REDIS_URL"] {
+        assert!(
+            !env.stdout.contains(leaked),
+            "{leaked} leaked: {}",
+            env.stdout
+        );
+    }
+    let net = run(
+        &fleet.url,
+        &json!({ "code": "import socket; socket.create_connection(('127.0.0.1', 6379))" }),
+    )
+    .await;
+    assert_eq!(net.status, RunStatus::Error);
+    assert_eq!(net.exception.unwrap().kind, "PermissionError");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_then_poll_through_the_fleet() {
+    let fleet = Fleet::start(1, &[]).await;
+    let reply = post_json(
+        &format!("{}/jobs", fleet.url),
+        &json!({ "code": "import time; time.sleep(0.5); print('async')" }),
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    assert_eq!(reply.body["status"], "queued");
+    let id = reply.body["id"].as_str().unwrap().to_owned();
+    let view = poll_done(&fleet.url, &id, Duration::from_secs(20)).await;
+    let result = view.result.unwrap();
+    assert_eq!(result.status, RunStatus::Success);
+    assert_eq!(result.stdout, "async\n");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_expire_in_redis_after_their_ttl() {
+    let fleet = Fleet::start(1, &[("PYRUNNER_RESULT_TTL_SECS", "1")]).await;
+    let result = run(&fleet.url, &json!({ "code": "print(1)" })).await;
+    let path = format!("{}/jobs/{}", fleet.url, result.id);
+    assert_eq!(get(&path).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let gone = get(&path).await;
+    assert_eq!(gone.status, 404, "{gone:?}");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_one_queue() {
+    let fleet = Fleet::start(2, &[("PYRUNNER_CONCURRENCY", "1")]).await;
+    // Wait until both workers consume, so neither takes every job.
+    for _ in 0..100 {
+        if (0..2).all(|i| fleet.worker_log(i).contains("consuming jobs")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let jobs: Vec<_> = (0..4)
+        .map(|i| {
+            let url = fleet.url.clone();
+            tokio::spawn(async move {
+                run(
+                    &url,
+                    &json!({ "code": format!("import time; time.sleep(1); print({i})") }),
+                )
+                .await
+            })
+        })
+        .collect();
+    for (i, job) in jobs.into_iter().enumerate() {
+        let result = job.await.unwrap();
+        assert_eq!(result.stdout, format!("{i}\n"));
+    }
+    let elapsed = started.elapsed();
+    let per_worker: Vec<usize> = (0..2)
+        .map(|i| fleet.worker_log(i).matches("run finished").count())
+        .collect();
+    assert!(
+        per_worker.iter().all(|&n| n >= 1),
+        "each worker ran jobs: {per_worker:?}"
+    );
+    assert_eq!(per_worker.iter().sum::<usize>(), 4, "{per_worker:?}");
+    // Four one-second jobs on two single-slot workers take about two seconds, not four.
+    assert!(elapsed < Duration::from_millis(3500), "{elapsed:?}");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_infinite_loop_is_stopped_while_other_runs_go_on() {
+    let fleet = Fleet::start(1, &[("PYRUNNER_CONCURRENCY", "2")]).await;
+    let url = fleet.url.clone();
+    let hog = tokio::spawn(async move {
+        run(
+            &url,
+            &json!({ "code": "while True: pass", "timeout_ms": 2000 }),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    for _ in 0..3 {
+        let r = run(&fleet.url, &json!({ "code": "print(sum(range(10)))" })).await;
+        assert_eq!(r.stdout, "45\n");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let hog = hog.await.unwrap();
+    assert_eq!(hog.status, RunStatus::Timeout);
+    assert!(
+        hog.duration_ms >= 2000 && hog.duration_ms < 4000,
+        "{}",
+        hog.duration_ms
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_workers_and_a_sync_run_without_one_gets_504() {
+    let mut fleet = Fleet::start(0, &[("PYRUNNER_SYNC_WAIT_MARGIN_MS", "300")]).await;
+    assert_eq!(get(&format!("{}/healthz", fleet.url)).await.status, 200);
+    let unready = get(&format!("{}/readyz", fleet.url)).await;
+    assert_eq!(unready.status, 503);
+    assert!(
+        unready.body["reason"].as_str().unwrap().contains("worker"),
+        "{unready:?}"
+    );
+
+    // Accepted with no worker: the sync wait ends in 504 naming the job, which stays queued.
+    let reply = post_json(
+        &format!("{}/run", fleet.url),
+        &json!({ "code": "print('later')", "timeout_ms": 200 }),
+    )
+    .await;
+    assert_eq!(reply.status, 504, "{reply:?}");
+    let id = reply.body["error"]["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        get(&format!("{}/jobs/{id}", fleet.url)).await.body["status"],
+        "queued"
+    );
+
+    // A worker arrives: the api becomes ready and the waiting job is answered.
+    fleet.add_worker();
+    fleet.wait_for("/readyz").await;
+    let view = poll_done(&fleet.url, &id, Duration::from_secs(20)).await;
+    assert_eq!(view.result.unwrap().stdout, "later\n");
+
+    let info = get(&format!("{}/", fleet.url)).await;
+    assert_eq!(info.body["mode"], "fleet");
+    assert!(info.body["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "sympy"));
+    fleet.stop().await;
+}
