@@ -147,6 +147,27 @@ pub fn statuses() -> Vec<Case> {
                 assert!(r.stderr.contains("ZeroDivisionError"));
             },
         ),
+        case(
+            "exception message with quotes, controls and unicode",
+            "raise ValueError('a \\\"q\\\"\\n\\ttab \\x01 \\\\ é 😀')",
+            RunStatus::Error,
+            |r| {
+                let e = r.exception.as_ref().expect("exception reported");
+                assert_eq!(e.kind, "ValueError");
+                assert_eq!(e.message, "a \"q\"\n\ttab \u{1} \\ é 😀");
+            },
+        ),
+        case(
+            "exception message with a lone surrogate",
+            "raise ValueError('\\ud800')",
+            RunStatus::Error,
+            |r| {
+                assert_eq!(
+                    r.exception.as_ref().expect("exception reported").message,
+                    "\u{fffd}"
+                );
+            },
+        ),
         case("syntax error", "print(", RunStatus::Error, |r| {
             assert_eq!(r.exception.as_ref().unwrap().kind, "SyntaxError");
         }),

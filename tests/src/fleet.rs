@@ -45,11 +45,16 @@ pub fn require_services() {
     }
 }
 
-/// The directory holding the workspace's binaries (next to the test executable's `deps/`).
+/// The directory holding the workspace's binaries: the profile directory, which holds test
+/// executables in `deps/` and other binaries directly.
 fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps dir");
-    deps.parent().expect("profile dir").to_path_buf()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The path of a workspace binary; panics with the command that builds it when missing.
@@ -86,15 +91,28 @@ impl Fleet {
     /// and waits until the api answers (and, with workers, until it is ready).
     pub async fn start(workers: usize, env: &[(&str, &str)]) -> Fleet {
         require_services();
+        Self::launch(workers, env, true).await
+    }
+
+    /// Starts the api binary alone, in embedded mode.
+    pub async fn embedded(env: &[(&str, &str)]) -> Fleet {
+        Self::launch(0, env, false).await
+    }
+
+    async fn launch(workers: usize, env: &[(&str, &str)], fleet_mode: bool) -> Fleet {
         let queue = format!("pyrunner.test.{}", uuid::Uuid::new_v4());
         let port = free_port();
         let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        if fleet_mode {
+            env.extend([
+                ("AMQP_URL".into(), amqp_url()),
+                ("REDIS_URL".into(), redis_url()),
+            ]);
+        }
         env.extend([
-            ("AMQP_URL".into(), amqp_url()),
-            ("REDIS_URL".into(), redis_url()),
             ("PYRUNNER_QUEUE".into(), queue.clone()),
             (
                 "PYRUNNER_RUNTIME_DIR".into(),
@@ -104,6 +122,9 @@ impl Fleet {
         ]);
         let logs = tempfile::tempdir().expect("log dir");
         let mut api_cmd = Command::new(binary("pyrunner-api"));
+        if !fleet_mode {
+            api_cmd.env_remove("AMQP_URL").env_remove("REDIS_URL");
+        }
         api_cmd
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("PYRUNNER_BIND", format!("127.0.0.1:{port}"))
