@@ -205,12 +205,23 @@ impl Fleet {
         }
     }
 
+    /// Stops every process: SIGTERM, so they shut down gracefully and clean up, then SIGKILL
+    /// for any still running after a few seconds.
     fn kill(&mut self) {
-        let _ = self.api.kill();
-        let _ = self.api.wait();
-        for (worker, _) in &mut self.workers {
-            let _ = worker.kill();
-            let _ = worker.wait();
+        let children =
+            std::iter::once(&mut self.api).chain(self.workers.iter_mut().map(|(c, _)| c));
+        let children: Vec<&mut Child> = children.collect();
+        for child in &children {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for child in children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
