@@ -404,6 +404,28 @@ pub fn hostile() -> Vec<Case> {
             |r| assert_eq!(r.stdout, "child\n"),
         ),
         Case {
+            memory_mb: Some(256),
+            timeout_ms: Some(20_000),
+            ..case(
+                "memory hog spread over processes (each under its own rlimit)",
+                "import os\nfor i in range(8):\n    if os.fork() == 0:\n        b = b'x' * (200 << 20)\n        import time; time.sleep(5)\n        os._exit(0)\nfor i in range(8):\n    os.wait()\nprint('parent survived')",
+                RunStatus::MemoryExceeded,
+                no_check,
+            )
+        },
+        case(
+            "thread bomb",
+            "import threading, time\nn = 0\ntry:\n    for i in range(1000):\n        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n        n += 1\nexcept RuntimeError:\n    pass\nprint(n < 64)",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "True\n"),
+        ),
+        case(
+            "peak memory is reported",
+            "b = b'x' * (100 << 20)\nprint(len(b))",
+            RunStatus::Success,
+            |r| assert!(r.peak_memory_kb >= 100 * 1024, "{}", r.peak_memory_kb),
+        ),
+        Case {
             timeout_ms: Some(3000),
             ..case(
                 "fork bomb",

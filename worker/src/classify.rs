@@ -44,6 +44,8 @@ pub struct Observation<'a> {
     pub timed_out: bool,
     /// The worker killed the run because it wrote past an output cap.
     pub output_exceeded: bool,
+    /// The kernel killed a process of the run at the run's memory limit (cgroup OOM).
+    pub oom_killed: bool,
     pub cpu_ms: u64,
     /// The soft CPU-time rlimit, in milliseconds.
     pub cpu_limit_ms: u64,
@@ -58,6 +60,9 @@ pub fn status(o: &Observation<'_>) -> RunStatus {
     }
     if o.timed_out {
         return RunStatus::Timeout;
+    }
+    if o.oom_killed {
+        return RunStatus::MemoryExceeded;
     }
     match o.exit {
         Exit::Signal(libc::SIGXCPU) => return RunStatus::Timeout,
@@ -95,6 +100,7 @@ mod tests {
             exit: Exit::Code(0),
             timed_out: false,
             output_exceeded: false,
+            oom_killed: false,
             cpu_ms: 10,
             cpu_limit_ms: 2000,
             report: None,

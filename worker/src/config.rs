@@ -86,6 +86,7 @@ impl ExecutorArgs {
                 self.concurrency(),
                 self.sandbox_uid_base,
                 &self.slot_lock_dir,
+                Some(self.max_processes),
             )?
         } else {
             SlotPool::new(self.concurrency())

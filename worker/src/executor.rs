@@ -42,6 +42,8 @@ pub enum ExecError {
     Pipe(io::Error),
     #[error("cannot start the sandboxed python {python}: {source}")]
     Spawn { python: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Cgroup(#[from] crate::sandbox::cgroup::CgroupError),
     #[error("cannot wait for process {pid}: {source}")]
     Wait { pid: i32, source: io::Error },
 }
@@ -83,6 +85,9 @@ impl Executor {
         if self.slots.has_uids() {
             layers.push("uid_per_slot");
         }
+        if self.slots.has_cgroups() {
+            layers.extend(["cgroup_memory", "cgroup_pids"]);
+        }
         layers
     }
 
@@ -119,6 +124,10 @@ impl Executor {
         let (code_read, code_write) = sys::pipe().map_err(ExecError::Pipe)?;
         let (report_read, report_write) = sys::pipe().map_err(ExecError::Pipe)?;
 
+        let oom_kills_before = slot
+            .cgroups()
+            .map(|c| c.prepare(job.limits.memory_bytes()))
+            .transpose()?;
         let mut command = self.command(workdir.path(), job.stdin.is_some());
         let started = Instant::now();
         let mut child = reaper::spawn_leader(|| {
@@ -126,6 +135,7 @@ impl Executor {
                 &mut command,
                 &job.limits,
                 slot.uid(),
+                slot.cgroups(),
                 code_read,
                 report_write,
             )
@@ -166,6 +176,11 @@ impl Executor {
             .expect("reap does not panic");
         self.clean_up_after(pid, slot);
         let reaped = reaped.map_err(|source| ExecError::Wait { pid, source })?;
+        let usage = slot
+            .cgroups()
+            .zip(oom_kills_before)
+            .map(|(c, before)| c.usage(before))
+            .unwrap_or_default();
         drop(child);
         for writer in writers.into_iter().flatten() {
             writer.abort();
@@ -180,6 +195,7 @@ impl Executor {
             exit: reaped.exit,
             timed_out,
             output_exceeded,
+            oom_killed: usage.oom_killed,
             cpu_ms: reaped.cpu_ms,
             cpu_limit_ms: job.limits.timeout_ms.div_ceil(1000).saturating_add(1) * 1000,
             report: report.as_ref(),
@@ -201,7 +217,7 @@ impl Executor {
             exception: report.map(HarnessReport::into_exception),
             duration_ms: duration.as_millis() as u64,
             cpu_ms: reaped.cpu_ms,
-            peak_memory_kb: reaped.peak_rss_kb,
+            peak_memory_kb: reaped.peak_rss_kb.max(usage.peak_kb),
         })
     }
 

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
+
+use crate::sandbox::cgroup::{CgroupError, SlotCgroups};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How many uids past the base are tried when claiming slot uids.
@@ -27,10 +29,13 @@ pub enum SlotError {
     },
     #[error("no free sandbox uid in {base}..{end}: other workers hold them all")]
     Exhausted { base: u32, end: u32 },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
 }
 
 struct SlotState {
     uid: Option<u32>,
+    cgroups: Option<SlotCgroups>,
     _lock: Option<Flock<File>>,
 }
 
@@ -45,7 +50,7 @@ pub struct SlotPool {
 /// A slot held by one run; it returns to the pool when dropped.
 pub struct Slot {
     index: u32,
-    uid: Option<u32>,
+    states: Arc<Vec<SlotState>>,
     free: Arc<Mutex<Vec<u32>>>,
     _permit: OwnedSemaphorePermit,
 }
@@ -56,6 +61,7 @@ impl SlotPool {
         let states = (0..size.max(1))
             .map(|_| SlotState {
                 uid: None,
+                cgroups: None,
                 _lock: None,
             })
             .collect();
@@ -63,8 +69,15 @@ impl SlotPool {
     }
 
     /// A pool of `size` slots, each with a uid of its own claimed from `base` upwards through
-    /// lock files in `lock_dir`.
-    pub fn with_uids(size: usize, base: u32, lock_dir: &Path) -> Result<Self, SlotError> {
+    /// lock files in `lock_dir`, and, when `max_processes` is given and the host has them,
+    /// cgroups of its own limited to that many processes.
+    pub fn with_uids(
+        size: usize,
+        base: u32,
+        lock_dir: &Path,
+        max_processes: Option<u64>,
+    ) -> Result<Self, SlotError> {
+        let cgroup_limit = max_processes.filter(|_| SlotCgroups::available());
         std::fs::create_dir_all(lock_dir).map_err(|source| SlotError::LockDir {
             path: lock_dir.to_path_buf(),
             source,
@@ -78,8 +91,12 @@ impl SlotPool {
                 continue;
             };
             if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                let cgroups = cgroup_limit
+                    .map(|max| SlotCgroups::create(uid, max))
+                    .transpose()?;
                 states.push(SlotState {
                     uid: Some(uid),
+                    cgroups,
                     _lock: Some(lock),
                 });
             }
@@ -112,6 +129,11 @@ impl SlotPool {
         self.states.iter().all(|s| s.uid.is_some())
     }
 
+    /// Whether runs get cgroups of their own.
+    pub fn has_cgroups(&self) -> bool {
+        self.states.iter().all(|s| s.cgroups.is_some())
+    }
+
     /// Slots not in use right now.
     pub fn available(&self) -> usize {
         self.permits.available_permits()
@@ -131,7 +153,7 @@ impl SlotPool {
             .expect("a permit always has a free slot");
         Slot {
             index,
-            uid: self.states[index as usize].uid,
+            states: Arc::clone(&self.states),
             free: Arc::clone(&self.free),
             _permit: permit,
         }
@@ -146,7 +168,12 @@ impl Slot {
 
     /// The uid (and gid) runs in this slot take, if the slot has one.
     pub fn uid(&self) -> Option<u32> {
-        self.uid
+        self.states[self.index as usize].uid
+    }
+
+    /// The cgroups of this slot, if it has them.
+    pub fn cgroups(&self) -> Option<&SlotCgroups> {
+        self.states[self.index as usize].cgroups.as_ref()
     }
 }
 
@@ -188,8 +215,8 @@ mod tests {
     #[tokio::test]
     async fn two_pools_never_share_a_uid() {
         let dir = tempfile::tempdir().unwrap();
-        let a = SlotPool::with_uids(3, 70_000, dir.path()).unwrap();
-        let b = SlotPool::with_uids(3, 70_000, dir.path()).unwrap();
+        let a = SlotPool::with_uids(3, 70_000, dir.path(), None).unwrap();
+        let b = SlotPool::with_uids(3, 70_000, dir.path(), None).unwrap();
         let uids =
             |p: &SlotPool| -> HashSet<u32> { p.states.iter().filter_map(|s| s.uid).collect() };
         assert_eq!(uids(&a).len(), 3);
@@ -201,7 +228,7 @@ mod tests {
         );
         drop(a);
         // The first pool's uids are free again once it is gone.
-        let c = SlotPool::with_uids(3, 70_000, dir.path()).unwrap();
+        let c = SlotPool::with_uids(3, 70_000, dir.path(), None).unwrap();
         assert!(uids(&c).contains(&70_000));
     }
 }

@@ -1,9 +1,9 @@
-//! The sandbox a run's Python process starts in: its own session and process group, resource
-//! limits, an unprivileged uid per run slot, `no_new_privs` and a seccomp filter.
+//! The sandbox a run's Python process starts in: its slot's cgroups, its own session and process
+//! group, resource limits, an unprivileged uid per run slot, `no_new_privs` and a seccomp filter.
 //!
-//! Namespaces, cgroups and Landlock are not applied yet; docs/SECURITY.md says what this leaves
-//! open.
+//! Namespaces and Landlock are not applied yet; docs/SECURITY.md says what this leaves open.
 
+pub mod cgroup;
 pub mod rlimits;
 pub mod seccomp;
 pub mod sys;
@@ -77,14 +77,15 @@ impl Sandbox {
         ]
     }
 
-    /// Spawns `command` inside the sandbox, as `uid` (and the same gid) when given. `code` (a
-    /// read end) becomes descriptor 3 and `report` (a write end) descriptor 4 of the child; the
-    /// parent's copies are closed.
+    /// Spawns `command` inside the sandbox, as `uid` (and the same gid) when given, and in
+    /// `cgroups` when given. `code` (a read end) becomes descriptor 3 and `report` (a write end)
+    /// descriptor 4 of the child; the parent's copies are closed.
     pub fn spawn(
         &self,
         command: &mut Command,
         limits: &RunLimits,
         uid: Option<u32>,
+        cgroups: Option<&cgroup::SlotCgroups>,
         code: OwnedFd,
         report: OwnedFd,
     ) -> io::Result<Child> {
@@ -93,6 +94,7 @@ impl Sandbox {
             ids: uid.map(|u| (u, u)),
             code_fd: code.as_raw_fd(),
             report_fd: report.as_raw_fd(),
+            cgroup_procs: cgroups.map(|c| c.procs_files()).unwrap_or_default(),
             filters: Arc::clone(&self.filters),
         };
         sys::set_entry(command, plan);

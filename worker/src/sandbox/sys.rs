@@ -31,6 +31,8 @@ pub struct EntryPlan {
     pub code_fd: RawFd,
     /// Write end of the report pipe, moved to [`REPORT_FD`].
     pub report_fd: RawFd,
+    /// `cgroup.procs` files to join, first of all (joining needs the worker's privileges).
+    pub cgroup_procs: Vec<std::ffi::CString>,
     /// Seccomp filters, installed last.
     pub filters: Arc<Vec<BpfProgram>>,
 }
@@ -63,6 +65,14 @@ unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
     // SAFETY: all calls below are plain system calls on integers and on memory owned by `plan`,
     // which outlives this function; none of them allocates or takes a lock.
     unsafe {
+        // Join the slot's cgroups: "0" means the writing process itself.
+        for procs in &plan.cgroup_procs {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            check(fd.into())?;
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            check(written as libc::c_long)?;
+        }
         // Move the pipes to their fixed numbers through numbers above both targets, so that
         // neither dup2 can clobber the other's source. dup2 clears FD_CLOEXEC on the copy.
         let code = libc::fcntl(plan.code_fd, libc::F_DUPFD_CLOEXEC, 10);

@@ -1,0 +1,148 @@
+//! Per-slot control groups: one memory cgroup and one pids cgroup for each run slot, so that a
+//! run's limits hold for all of its processes together (rlimits hold per process only: a run
+//! forking 64 processes could otherwise use 64 times its memory limit).
+//!
+//! This version uses the cgroup v1 `memory` and `pids` hierarchies, where this kind of host
+//! keeps its limit controllers. The child joins its slot's cgroups between fork and exec, by
+//! writing `0` (itself) to each `cgroup.procs`. A slot's cgroups are reused run after run: the
+//! memory limit is set and the peak counter reset before each run.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Root of the cgroup v1 hierarchies.
+const V1_ROOT: &str = "/sys/fs/cgroup";
+/// The parent group of every slot group, in each hierarchy.
+const PARENT: &str = "pyrunner";
+
+/// A cgroup operation failed.
+#[derive(Debug, Error)]
+pub enum CgroupError {
+    #[error("cannot create cgroup {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot write {value} to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        source: io::Error,
+    },
+}
+
+/// The memory and pids cgroups of one slot.
+#[derive(Debug)]
+pub struct SlotCgroups {
+    memory: PathBuf,
+    pids: PathBuf,
+}
+
+/// What a run's cgroup saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CgroupUsage {
+    /// The kernel killed a process of the run for exceeding the memory limit.
+    pub oom_killed: bool,
+    /// Highest memory use of the whole run (all processes, page cache included), in KiB.
+    pub peak_kb: u64,
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(|source| CgroupError::Write {
+        path: path.to_path_buf(),
+        value: value.to_owned(),
+        source,
+    })
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The `oom_kill` counter of a v1 memory cgroup.
+fn oom_kills(memory: &Path) -> u64 {
+    fs::read_to_string(memory.join("memory.oom_control"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl SlotCgroups {
+    /// Whether this host has writable v1 memory and pids hierarchies.
+    pub fn available() -> bool {
+        let root = Path::new(V1_ROOT);
+        ["memory", "pids"].iter().all(|c| {
+            let dir = root.join(c);
+            dir.join("cgroup.procs").is_file()
+                && nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
+        })
+    }
+
+    /// Creates (or reuses) the cgroups of the slot with `uid`, with at most `max_processes`.
+    pub fn create(uid: u32, max_processes: u64) -> Result<Self, CgroupError> {
+        let root = Path::new(V1_ROOT);
+        let name = format!("uid-{uid}");
+        let make = |controller: &str| -> Result<PathBuf, CgroupError> {
+            let path = root.join(controller).join(PARENT).join(&name);
+            fs::create_dir_all(&path).map_err(|source| CgroupError::Create {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(path)
+        };
+        let groups = Self {
+            memory: make("memory")?,
+            pids: make("pids")?,
+        };
+        write(&groups.pids.join("pids.max"), &max_processes.to_string())?;
+        // Kill on OOM rather than pause the run (the default, but a host may have changed it).
+        let _ = fs::write(groups.memory.join("memory.oom_control"), "0");
+        Ok(groups)
+    }
+
+    /// The `cgroup.procs` files a child writes itself into, as C strings ready before fork.
+    pub fn procs_files(&self) -> Vec<CString> {
+        [&self.memory, &self.pids]
+            .iter()
+            .map(|dir| {
+                CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
+                    .expect("cgroup paths have no NUL byte")
+            })
+            .collect()
+    }
+
+    /// Sets the memory limit of the next run and resets the peak counter. Returns the OOM kill
+    /// count before the run, to compare with afterwards.
+    pub fn prepare(&self, memory_bytes: u64) -> Result<u64, CgroupError> {
+        let limit = memory_bytes.to_string();
+        let mem = self.memory.join("memory.limit_in_bytes");
+        let memsw = self.memory.join("memory.memsw.limit_in_bytes");
+        // memory <= memory+swap must hold after each write: lower memory first, raise memsw
+        // first. Swap accounting may be off (no memsw file): then memory alone is the limit.
+        if write(&mem, &limit).is_err() {
+            if memsw.exists() {
+                write(&memsw, &limit)?;
+            }
+            write(&mem, &limit)?;
+        }
+        if memsw.exists() {
+            write(&memsw, &limit)?;
+        }
+        let _ = fs::write(self.memory.join("memory.max_usage_in_bytes"), "0");
+        Ok(oom_kills(&self.memory))
+    }
+
+    /// What the run did, given the OOM kill count [`prepare`](Self::prepare) returned.
+    pub fn usage(&self, oom_kills_before: u64) -> CgroupUsage {
+        CgroupUsage {
+            oom_killed: oom_kills(&self.memory) > oom_kills_before,
+            peak_kb: read_u64(&self.memory.join("memory.max_usage_in_bytes")).unwrap_or(0) / 1024,
+        }
+    }
+}
