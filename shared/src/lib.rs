@@ -6,12 +6,14 @@
 //! - [`store`]: where job state and results live (Redis, or memory in embedded mode).
 //! - [`queue`]: the RabbitMQ contract (queue name, message format, publisher).
 //! - [`runtime`]: what the Python runtime of a worker offers.
+//! - [`service`]: logging and the shutdown signal of both binaries.
 
 pub mod job;
 pub mod limits;
 pub mod outcome;
 pub mod queue;
 pub mod runtime;
+pub mod service;
 pub mod store;
 
 pub use job::{Job, JobId, JobState, JobView, RunRequest};

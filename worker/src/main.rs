@@ -1,15 +1,12 @@
 use anyhow::Context;
 use clap::Parser;
+use pyrunner_shared::service::{init_logging, shutdown_signal};
 use pyrunner_shared::store::{RedisStore, ResultStore};
 use pyrunner_worker::config::WorkerConfig;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    init_logging("info");
     let config = WorkerConfig::parse();
     let (executor, _work_root) = config.executor.build()?;
     let info = executor
@@ -38,13 +35,4 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("can install a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
