@@ -370,7 +370,7 @@ impl Capture {
     }
 }
 
-/// A job that runs `code` with the default limits, for probes and tests.
+/// A job that runs `code` with `limits` and no stdin, for start-up probes.
 pub fn probe_job(code: &str, limits: RunLimits) -> Job {
     Job {
         id: JobId::new(),
