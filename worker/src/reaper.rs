@@ -26,6 +26,13 @@ fn leaders() -> MutexGuard<'static, Option<HashSet<i32>>> {
 /// Makes this process a subreaper and starts the reaper thread, once.
 fn start() {
     STARTED.get_or_init(|| {
+        // Orphans are found through /proc/self/task/*/children (CONFIG_PROC_CHILDREN). Without
+        // it they could never be reaped here, so they are better left to init.
+        let tid = nix::unistd::gettid();
+        if !std::path::Path::new(&format!("/proc/self/task/{tid}/children")).exists() {
+            tracing::warn!("this kernel does not list children in /proc; orphans go to init");
+            return;
+        }
         if let Err(error) = sys::become_child_subreaper() {
             tracing::warn!(%error, "cannot become a child subreaper; orphans go to init");
         }
