@@ -1,0 +1,227 @@
+//! The benchmark: the workloads of docs/PERFORMANCE.md through the real binaries, for each
+//! executor, in one run. Prints one Markdown table; each executor's figures are also given as a
+//! ratio of the first executor's (the baseline), measured in the same run. A last column gives,
+//! for reference, the runtime's interpreter started directly, without the service.
+//!
+//! Usage (after `cargo build --release --bins`, with RabbitMQ and Redis reachable):
+//!   target/release/bench [REQUESTS]      (default 200 sequential requests per workload)
+//! or `scripts/bench`, which builds first. Load stays on loopback and is bounded: at most
+//! `8 × REQUESTS` requests, and at most 60 s, for the throughput row.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use pyrunner_shared::RunStatus;
+use pyrunner_tests::fleet::Fleet;
+use pyrunner_tests::http::{post_json, run};
+use serde_json::json;
+
+/// Executors to compare, with the environment that selects each. The first is the baseline.
+const EXECUTORS: &[(&str, &[(&str, &str)])] = &[("fresh interpreter", &[])];
+
+const SYMPY: &str = "import sympy; print(sympy.factorint(10**10))";
+const NUMPY: &str = "import numpy as np; print(np.arange(10).sum())";
+const CONCURRENT_CLIENTS: usize = 8;
+const THROUGHPUT_DEADLINE: Duration = Duration::from_secs(60);
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// p50, p95, p99 in ms of `requests` sequential runs of `code`.
+async fn latency(url: &str, code: &str, requests: usize) -> [f64; 3] {
+    for _ in 0..3 {
+        run(url, &json!({ "code": code })).await;
+    }
+    let mut times = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let started = Instant::now();
+        let result = run(url, &json!({ "code": code })).await;
+        times.push(started.elapsed());
+        assert_eq!(result.status, RunStatus::Success, "{result:?}");
+    }
+    times.sort();
+    [0.5, 0.95, 0.99].map(|p| percentile(&times, p))
+}
+
+/// Runs per second and errors of up to `total` runs of `pass` from concurrent clients.
+async fn throughput(url: &str, total: usize) -> (f64, usize) {
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CONCURRENT_CLIENTS)
+        .map(|_| {
+            let url = url.to_owned();
+            tokio::spawn(async move {
+                let (mut done, mut errors) = (0, 0);
+                while done + errors < total / CONCURRENT_CLIENTS
+                    && started.elapsed() < THROUGHPUT_DEADLINE
+                {
+                    let reply = post_json(&format!("{url}/run"), &json!({ "code": "pass" })).await;
+                    if reply.status == 200 && reply.body["status"] == "success" {
+                        done += 1;
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (done, errors)
+            })
+        })
+        .collect();
+    let (mut done, mut errors) = (0, 0);
+    for client in clients {
+        let (d, e) = client.await.expect("client task");
+        done += d;
+        errors += e;
+    }
+    (done as f64 / started.elapsed().as_secs_f64(), errors)
+}
+
+/// Median time from starting a worker until it consumes (its runtime check done), in ms.
+async fn worker_start(fleet: &mut Fleet) -> f64 {
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let index = fleet.add_worker();
+        while !fleet.worker_log(index).contains("consuming jobs") {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "worker did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        times.push(started.elapsed());
+    }
+    times.sort();
+    percentile(&times, 0.5)
+}
+
+/// p50, p95, p99 in ms of starting the runtime's interpreter directly for `code`, without the
+/// service or the sandbox: the floor of any executor that starts an interpreter per run.
+fn bare_interpreter(code: &str, requests: usize) -> [f64; 3] {
+    let runtime = pyrunner_tests::runtime_dir();
+    let python = runtime.join("venv/bin/python3");
+    let run = || {
+        let out = std::process::Command::new(&python)
+            .args(["-I", "-B", "-c", code])
+            .env("LD_LIBRARY_PATH", runtime.join("python/lib"))
+            .env("OPENBLAS_NUM_THREADS", "1")
+            .output()
+            .expect("the runtime's python starts");
+        assert!(out.status.success(), "{out:?}");
+    };
+    for _ in 0..3 {
+        run();
+    }
+    let mut times: Vec<Duration> = (0..requests)
+        .map(|_| {
+            let started = Instant::now();
+            run();
+            started.elapsed()
+        })
+        .collect();
+    times.sort();
+    [0.5, 0.95, 0.99].map(|p| percentile(&times, p))
+}
+
+/// One executor's figures: as shown, and the number each ratio is taken of.
+#[derive(Default)]
+struct Figures {
+    shown: BTreeMap<&'static str, String>,
+    value: BTreeMap<&'static str, f64>,
+}
+
+impl Figures {
+    fn latency(&mut self, row: &'static str, v: [f64; 3]) {
+        self.shown
+            .insert(row, format!("{:.1} / {:.1} / {:.1}", v[0], v[1], v[2]));
+        self.value.insert(row, v[0]);
+    }
+
+    fn single(&mut self, row: &'static str, shown: String, value: f64) {
+        self.shown.insert(row, shown);
+        self.value.insert(row, value);
+    }
+}
+
+async fn measure(env: &[(&str, &str)], requests: usize) -> Figures {
+    let mut f = Figures::default();
+    let mut fleet = Fleet::start(1, env).await;
+    for (row, code) in [
+        ("1 `pass`, fleet, p50 / p95 / p99 ms", "pass"),
+        ("2 sympy factorint, fleet, p50 / p95 / p99 ms", SYMPY),
+        ("3 numpy small, fleet, p50 / p95 / p99 ms", NUMPY),
+    ] {
+        f.latency(row, latency(&fleet.url, code, requests).await);
+    }
+    let (rate, errors) = throughput(&fleet.url, CONCURRENT_CLIENTS * requests).await;
+    f.single(
+        "4 `pass`, 8 clients, fleet, runs/s (errors)",
+        format!("{rate:.0} ({errors})"),
+        rate,
+    );
+    let start = worker_start(&mut fleet).await;
+    f.single(
+        "7 worker start until consuming, ms",
+        format!("{start:.0}"),
+        start,
+    );
+    fleet.stop().await;
+
+    let embedded = Fleet::embedded(env).await;
+    embedded.wait_for("/readyz").await;
+    f.latency(
+        "5 `pass`, embedded, p50 / p95 / p99 ms",
+        latency(&embedded.url, "pass", requests).await,
+    );
+    embedded.stop().await;
+    f
+}
+
+#[tokio::main]
+async fn main() {
+    let requests: usize = std::env::args()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200);
+    let mut results = Vec::new();
+    for (name, env) in EXECUTORS {
+        eprintln!("measuring the {name} executor ...");
+        results.push((name, measure(env, requests).await));
+    }
+    let mut bare = Figures::default();
+    for (row, code) in [
+        ("1 `pass`, fleet, p50 / p95 / p99 ms", "pass"),
+        ("2 sympy factorint, fleet, p50 / p95 / p99 ms", SYMPY),
+        ("3 numpy small, fleet, p50 / p95 / p99 ms", NUMPY),
+    ] {
+        bare.latency(row, bare_interpreter(code, requests));
+    }
+    let names: Vec<String> = results.iter().map(|(n, _)| n.to_string()).collect();
+    println!(
+        "| workload | {} | for reference: bare `python -I`, no service |",
+        names.join(" | ")
+    );
+    println!("|---|{}|---:|", vec!["---:"; results.len()].join("|"));
+    let baseline = &results[0].1;
+    for row in baseline.shown.keys() {
+        let cells: Vec<String> = results
+            .iter()
+            .enumerate()
+            .map(|(i, (_, f))| match i {
+                0 => f.shown[row].clone(),
+                _ => format!(
+                    "{} ({:.2}× baseline)",
+                    f.shown[row],
+                    f.value[row] / baseline.value[row]
+                ),
+            })
+            .collect();
+        let reference = bare.shown.get(row).map_or("", String::as_str);
+        // Rows are keyed with a digit for their order; it is not shown.
+        println!("| {} | {} | {reference} |", &row[2..], cells.join(" | "));
+    }
+    println!(
+        "\n{requests} sequential requests per latency row; the throughput row sends at most {} requests.",
+        CONCURRENT_CLIENTS * requests
+    );
+}
