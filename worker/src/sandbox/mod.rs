@@ -90,7 +90,7 @@ impl Sandbox {
         report: OwnedFd,
     ) -> io::Result<Child> {
         let plan = sys::EntryPlan {
-            rlimits: rlimits::for_run(limits, &self.settings),
+            rlimits: rlimits::for_run(limits, &self.settings, cgroups.is_some()),
             ids: uid.map(|u| (u, u)),
             code_fd: code.as_raw_fd(),
             report_fd: report.as_raw_fd(),

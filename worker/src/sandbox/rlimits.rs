@@ -5,21 +5,29 @@ use pyrunner_shared::RunLimits;
 use super::sys::Rlimit;
 use super::SandboxSettings;
 
+/// Address space a process may reserve beyond the run's memory limit when a memory cgroup holds
+/// the real (resident) limit: room for reservations that are never touched, such as OpenBLAS's
+/// buffers and 8 MiB thread stacks.
+const ADDRESS_SPACE_HEADROOM: u64 = 1 << 30;
+
 /// The rlimits a run's process gets. They are inherited by every process it forks.
-pub fn for_run(limits: &RunLimits, settings: &SandboxSettings) -> Vec<Rlimit> {
+/// `memory_cgroup` says whether a memory cgroup enforces the run's memory limit.
+pub fn for_run(limits: &RunLimits, settings: &SandboxSettings, memory_cgroup: bool) -> Vec<Rlimit> {
     // CPU time is a backstop behind the wall-clock deadline: a busy loop uses at most one core,
     // so it would meet the deadline first; several busy threads or processes meet this first.
     // The hard limit, one second later, is SIGKILL for a process that ignores SIGXCPU.
     let cpu_secs = limits.timeout_ms.div_ceil(1000) + 1;
+    // With a memory cgroup, the address space is only a backstop: an allocation far past the
+    // limit still fails at once with MemoryError, and what is touched is bounded by the cgroup.
+    // Without one, the address space is the only memory limit there is, and it is per process.
+    let address_space = if memory_cgroup {
+        limits.memory_bytes() + ADDRESS_SPACE_HEADROOM
+    } else {
+        limits.memory_bytes()
+    };
     vec![
         (libc::RLIMIT_CPU, cpu_secs, cpu_secs + 1),
-        // Address space, not resident memory: it makes allocation fail with MemoryError instead
-        // of invoking the OOM killer. numpy and sympy need about 135 MiB of it once imported.
-        (
-            libc::RLIMIT_AS,
-            limits.memory_bytes(),
-            limits.memory_bytes(),
-        ),
+        (libc::RLIMIT_AS, address_space, address_space),
         (
             libc::RLIMIT_FSIZE,
             settings.max_file_bytes,
@@ -60,11 +68,19 @@ mod tests {
             .unwrap();
         let settings = SandboxSettings::default();
         let find = |rl: &[Rlimit], r| rl.iter().find(|(res, _, _)| *res == r).copied().unwrap();
-        let rl = for_run(&limits, &settings);
+        let rl = for_run(&limits, &settings, false);
         assert_eq!(find(&rl, libc::RLIMIT_CPU), (libc::RLIMIT_CPU, 4, 5));
         assert_eq!(find(&rl, libc::RLIMIT_AS).1, 128 * 1024 * 1024);
         assert_eq!(find(&rl, libc::RLIMIT_CORE).2, 0);
+        let with_cgroup = for_run(&limits, &settings, true);
+        assert_eq!(
+            find(&with_cgroup, libc::RLIMIT_AS).1,
+            (128 << 20) + (1 << 30)
+        );
         limits.timeout_ms = 1;
-        assert_eq!(find(&for_run(&limits, &settings), libc::RLIMIT_CPU).1, 2);
+        assert_eq!(
+            find(&for_run(&limits, &settings, false), libc::RLIMIT_CPU).1,
+            2
+        );
     }
 }
