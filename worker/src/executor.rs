@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -233,8 +234,10 @@ impl Executor {
     }
 
     fn make_workdir(&self, slot: &Slot) -> Result<tempfile::TempDir, ExecError> {
+        // Private to the run's uid: concurrent runs must not read each other's files.
         let dir = tempfile::Builder::new()
             .prefix("run-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(&self.work_root)
             .map_err(|source| ExecError::CreateWorkdir {
                 path: self.work_root.to_path_buf(),
