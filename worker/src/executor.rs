@@ -121,6 +121,7 @@ impl Executor {
     }
 
     async fn try_run(&self, slot: &Slot, job: &Job) -> Result<RunResult, ExecError> {
+        let setup_started = Instant::now();
         let workdir = self.make_workdir(slot)?;
         let (code_read, code_write) = sys::pipe().map_err(ExecError::Pipe)?;
         let (report_read, report_write) = sys::pipe().map_err(ExecError::Pipe)?;
@@ -130,6 +131,7 @@ impl Executor {
             .map(|c| c.prepare(job.limits.memory_bytes()))
             .transpose()?;
         let mut command = self.command(workdir.path(), job.stdin.is_some());
+        let setup = setup_started.elapsed();
         let started = Instant::now();
         let mut child = reaper::spawn_leader(|| {
             self.sandbox.spawn(
@@ -146,6 +148,7 @@ impl Executor {
             source,
         })?;
         let pid = child.id() as i32;
+        let spawned = started.elapsed();
 
         let overflow = Arc::new(Notify::new());
         let writers = [
@@ -175,6 +178,7 @@ impl Executor {
         let reaped = tokio::task::spawn_blocking(move || sys::reap(pid))
             .await
             .expect("reap does not panic");
+        let cleanup_started = Instant::now();
         self.clean_up_after(pid, slot);
         let reaped = reaped.map_err(|source| ExecError::Wait { pid, source })?;
         let usage = slot
@@ -190,6 +194,14 @@ impl Executor {
         let (stdout, stdout_truncated) = stdout.finish().await;
         let (stderr, stderr_truncated) = stderr.finish().await;
         let (report, _) = report.finish().await;
+        tracing::debug!(
+            job = %job.id,
+            setup_us = setup.as_micros() as u64,
+            spawn_us = spawned.as_micros() as u64,
+            run_us = (duration - spawned).as_micros() as u64,
+            cleanup_us = cleanup_started.elapsed().as_micros() as u64,
+            "run phases"
+        );
         let report = HarnessReport::parse(&report);
 
         let observation = Observation {
