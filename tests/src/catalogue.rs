@@ -1,12 +1,15 @@
 //! Data-driven run cases: a snippet, its limits, the status it must end with, and a check of
 //! the rest of the result.
 
+use std::future::Future;
+
 use pyrunner_shared::{RunResult, RunStatus};
 use pyrunner_worker::Executor;
 
 use crate::{job, limits};
 
 /// One case of a catalogue.
+#[derive(Clone, Copy)]
 pub struct Case {
     pub name: &'static str,
     pub code: &'static str,
@@ -54,10 +57,26 @@ pub fn verify(case: &Case, result: &RunResult) -> Result<(), String> {
     })
 }
 
-/// Runs every case through `executor`, `parallel` at a time, and returns the failures.
-pub async fn run_all(executor: &Executor, cases: Vec<Case>) -> Vec<String> {
+/// Runs every case with `run` (one transport: the executor, or the HTTP API) and checks each
+/// result; returns the failures.
+pub async fn check_each<F, Fut>(cases: Vec<Case>, mut run: F) -> Vec<String>
+where
+    F: FnMut(Case) -> Fut,
+    Fut: Future<Output = Result<RunResult, String>>,
+{
     let mut failures = Vec::new();
     for case in cases {
+        match run(case).await {
+            Ok(result) => failures.extend(verify(&case, &result).err()),
+            Err(e) => failures.push(format!("{}: {e}", case.name)),
+        }
+    }
+    failures
+}
+
+/// Runs every case through `executor` and returns the failures.
+pub async fn run_all(executor: &Executor, cases: Vec<Case>) -> Vec<String> {
+    check_each(cases, |case| async move {
         let job = job(
             case.code,
             case.stdin,
@@ -65,13 +84,11 @@ pub async fn run_all(executor: &Executor, cases: Vec<Case>) -> Vec<String> {
         );
         let result = executor.run(&job).await;
         if result.id != job.id {
-            failures.push(format!("{}: result has another job's id", case.name));
+            return Err("result has another job's id".to_owned());
         }
-        if let Err(e) = verify(&case, &result) {
-            failures.push(e);
-        }
-    }
-    failures
+        Ok(result)
+    })
+    .await
 }
 
 /// One or more cases for every status a run can end with.

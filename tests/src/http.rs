@@ -114,22 +114,14 @@ pub fn request_for(case: &crate::catalogue::Case) -> Value {
 
 /// Runs each case through `POST /run` and returns the failures.
 pub async fn run_cases(base: &str, cases: Vec<crate::catalogue::Case>) -> Vec<String> {
-    let mut failures = Vec::new();
-    for case in cases {
+    crate::catalogue::check_each(cases, |case| async move {
         let reply = post_json(&format!("{base}/run"), &request_for(&case)).await;
         if reply.status != 200 {
-            failures.push(format!(
-                "{}: HTTP {} {}",
-                case.name, reply.status, reply.body
-            ));
-            continue;
+            return Err(format!("HTTP {} {}", reply.status, reply.body));
         }
-        let result: RunResult = serde_json::from_value(reply.body).expect("a run result");
-        if let Err(e) = crate::catalogue::verify(&case, &result) {
-            failures.push(e);
-        }
-    }
-    failures
+        serde_json::from_value(reply.body).map_err(|e| format!("not a run result: {e}"))
+    })
+    .await
 }
 
 /// Polls `GET /jobs/{id}` until the job is done (at most `within`).

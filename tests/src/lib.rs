@@ -7,29 +7,28 @@ pub mod http;
 
 use std::path::PathBuf;
 
+use clap::Parser;
 use pyrunner_shared::{Job, JobId, LimitPolicy, RunLimits, RunRequest};
 use pyrunner_worker::config::ExecutorArgs;
 use pyrunner_worker::Executor;
 
-/// The runtime the test command prepared (scripts/test exports its location).
-pub fn runtime_dir() -> PathBuf {
-    std::env::var_os("PYRUNNER_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/pyrunner/runtime"))
+/// Executor settings for tests: the service's own defaults (and `PYRUNNER_*` variables, as in
+/// production; scripts/test exports the runtime's location), with `concurrency` slots.
+pub fn executor_args(concurrency: usize) -> ExecutorArgs {
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        executor: ExecutorArgs,
+    }
+    let concurrency = concurrency.to_string();
+    Flags::try_parse_from(["pyrunner-tests", "--concurrency", &concurrency])
+        .expect("the executor's defaults parse")
+        .executor
 }
 
-/// Executor settings for tests: the prepared runtime and `concurrency` slots.
-pub fn executor_args(concurrency: usize) -> ExecutorArgs {
-    ExecutorArgs {
-        runtime_dir: runtime_dir(),
-        work_dir: std::env::temp_dir(),
-        concurrency: Some(concurrency),
-        sandbox_uid_base: 64_000,
-        slot_lock_dir: PathBuf::from("/run/pyrunner/slots"),
-        max_processes: 64,
-        max_file_mb: 64,
-        max_open_files: 256,
-    }
+/// The prepared runtime the tests use.
+pub fn runtime_dir() -> PathBuf {
+    executor_args(1).runtime_dir
 }
 
 /// A real executor; keep the returned guard alive while it is used.

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use crate::classify::{self, HarnessReport, Observation};
 use crate::reaper;
 use crate::runtime::PythonRuntime;
-use crate::sandbox::{sys, Sandbox};
+use crate::sandbox::{rlimits, sys, Sandbox};
 use crate::slots::{Slot, SlotPool};
 
 const HARNESS: &str = include_str!("harness.py");
@@ -210,7 +210,7 @@ impl Executor {
             output_exceeded,
             oom_killed: usage.oom_killed,
             cpu_ms: reaped.cpu_ms,
-            cpu_limit_ms: job.limits.timeout_ms.div_ceil(1000).saturating_add(1) * 1000,
+            cpu_limit_ms: rlimits::cpu_limit_secs(&job.limits) * 1000,
             report: report.as_ref(),
         };
         let status = classify::status(&observation);

@@ -61,11 +61,6 @@ impl Sandbox {
         })
     }
 
-    /// The settings it was made with.
-    pub fn settings(&self) -> &SandboxSettings {
-        &self.settings
-    }
-
     /// The protection layers every run gets, for logs and reports.
     pub fn layers(&self) -> Vec<&'static str> {
         vec![

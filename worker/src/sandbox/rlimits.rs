@@ -10,13 +10,18 @@ use super::SandboxSettings;
 /// buffers and 8 MiB thread stacks.
 const ADDRESS_SPACE_HEADROOM: u64 = 1 << 30;
 
+/// The soft CPU-time limit of a run, in seconds: its timeout rounded up, plus one.
+pub fn cpu_limit_secs(limits: &RunLimits) -> u64 {
+    limits.timeout_ms.div_ceil(1000) + 1
+}
+
 /// The rlimits a run's process gets. They are inherited by every process it forks.
 /// `memory_cgroup` says whether a memory cgroup enforces the run's memory limit.
 pub fn for_run(limits: &RunLimits, settings: &SandboxSettings, memory_cgroup: bool) -> Vec<Rlimit> {
     // CPU time is a backstop behind the wall-clock deadline: a busy loop uses at most one core,
     // so it would meet the deadline first; several busy threads or processes meet this first.
     // The hard limit, one second later, is SIGKILL for a process that ignores SIGXCPU.
-    let cpu_secs = limits.timeout_ms.div_ceil(1000) + 1;
+    let cpu_secs = cpu_limit_secs(limits);
     // With a memory cgroup, the address space is only a backstop: an allocation far past the
     // limit still fails at once with MemoryError, and what is touched is bounded by the cgroup.
     // Without one, the address space is the only memory limit there is, and it is per process.
