@@ -8,3 +8,7 @@ pyrunner_default_runtime_dir() {
   fi
 }
 export PYRUNNER_RUNTIME_DIR=${PYRUNNER_RUNTIME_DIR:-$(pyrunner_default_runtime_dir)}
+# The interpreter the zygote is built against (pyo3 reads PYO3_PYTHON): the base of the runtime.
+if [ -z "${PYO3_PYTHON:-}" ] && command -v "${PYRUNNER_BASE_PYTHON:-python3}" >/dev/null; then
+  export PYO3_PYTHON=$(command -v "${PYRUNNER_BASE_PYTHON:-python3}")
+fi

@@ -120,7 +120,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `GET /`: version, mode, effective limits, and the preinstalled packages.
+/// `GET /`: version, mode, effective limits, the executor, and the preinstalled and preloaded
+/// packages.
 async fn service_info(State(state): State<AppState>) -> Json<serde_json::Value> {
     let backend = state.backend();
     let runtime = backend.runtime_info().await;
@@ -130,6 +131,8 @@ async fn service_info(State(state): State<AppState>) -> Json<serde_json::Value> 
         "mode": backend.mode(),
         "limits": state.policy(),
         "python": runtime.as_ref().map(|r| r.python.clone()),
+        "executor": runtime.as_ref().map(|r| r.executor.clone()),
+        "preloaded": runtime.as_ref().map(|r| r.preloaded.clone()),
         "packages": runtime.map(|r| r.packages),
         "isolation": backend.isolation(),
     }))

@@ -56,11 +56,12 @@ impl Api {
                 (Backend::Fleet(FleetBackend::new(publisher, redis)), None)
             }
             (None, None) => {
-                let (executor, work_root) = config.executor.build()?;
+                let (executor, work_root) = config.executor.start().await?;
                 let runtime = executor.runtime().probe(&executor).await?;
                 tracing::info!(
                     python = %runtime.python,
-                    concurrency = executor.slots().size(),
+                    concurrency = executor.concurrency(),
+                    executor = executor.kind(),
                     layers = ?executor.layers(),
                     "embedded runtime ready"
                 );

@@ -8,6 +8,12 @@ pub struct RuntimeInfo {
     pub python: String,
     /// Preinstalled packages and their versions, sorted by name.
     pub packages: Vec<Package>,
+    /// How runs get their interpreter: `zygote` (forked from a preloaded one) or `fresh`.
+    #[serde(default)]
+    pub executor: String,
+    /// Modules already imported when a run starts: importing them costs nothing.
+    #[serde(default)]
+    pub preloaded: Vec<String>,
 }
 
 /// One installed distribution.

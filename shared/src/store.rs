@@ -49,7 +49,9 @@ impl ResultStore {
     /// Records that a job was accepted and is waiting in the queue.
     pub async fn mark_queued(&self, id: JobId) -> Result<(), StoreError> {
         match self {
-            ResultStore::Redis(s) => s.set_state(id, JobState::Queued).await,
+            // Only if the job has no state yet: a worker that got the job first has already
+            // said it is running (the api records and publishes at the same time).
+            ResultStore::Redis(s) => s.set_first_state(id, JobState::Queued).await,
             ResultStore::Memory(s) => {
                 s.set_state(id, JobState::Queued);
                 Ok(())
@@ -106,6 +108,28 @@ impl ResultStore {
     }
 }
 
+/// What wakes the waiters of a job whose result is larger than [`INLINE_RESULT_MAX_BYTES`]
+/// (they then read the result key).
+const DONE_MARKER: &str = "1";
+/// Results up to this size come to the waiters with the wake-up itself, saving a round trip;
+/// larger ones are not stored twice.
+const INLINE_RESULT_MAX_BYTES: usize = 64 * 1024;
+
+/// Stores a result if none is stored yet (first writer wins), marks the job done, and wakes its
+/// waiters with the stored result (or a marker when it is large): a redelivered job's waiter
+/// always gets the first result. Returns 1 if this call stored the result.
+const PUT_RESULT: &str = r#"
+local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
+redis.call('SET', KEYS[2], 'done', 'EX', ARGV[2])
+local result = redis.call('GET', KEYS[1])
+if not result or string.len(result) > tonumber(ARGV[3]) then
+  result = '1'
+end
+redis.call('RPUSH', KEYS[3], result)
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+if stored then return 1 else return 0 end
+"#;
+
 /// Key names in Redis. Every key of a job shares the `{id}` hash tag, so a Redis Cluster keeps
 /// them in one slot and the multi-key transaction below stays valid.
 mod keys {
@@ -153,6 +177,19 @@ impl RedisStore {
         })
     }
 
+    async fn set_first_state(&self, id: JobId, state: JobState) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        let _: Option<String> = redis::cmd("SET")
+            .arg(keys::state(id))
+            .arg(state.as_str())
+            .arg("NX")
+            .arg("EX")
+            .arg(self.ttl_secs)
+            .query_async(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
     async fn set_state(&self, id: JobId, state: JobState) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
         let _: () = conn
@@ -165,23 +202,16 @@ impl RedisStore {
         let id = result.id;
         let json = serde_json::to_string(result).expect("a result always serialises");
         let mut conn = self.pool.get().await?;
-        let (stored,): (Option<String>,) = redis::pipe()
-            .atomic()
-            .cmd("SET")
-            .arg(keys::result(id))
+        let stored: i64 = redis::Script::new(PUT_RESULT)
+            .key(keys::result(id))
+            .key(keys::state(id))
+            .key(keys::done(id))
             .arg(json)
-            .arg("NX")
-            .arg("EX")
             .arg(self.ttl_secs)
-            .set_ex(keys::state(id), JobState::Done.as_str(), self.ttl_secs)
-            .ignore()
-            .rpush(keys::done(id), 1)
-            .ignore()
-            .expire(keys::done(id), self.ttl_secs as i64)
-            .ignore()
-            .query_async(&mut *conn)
+            .arg(INLINE_RESULT_MAX_BYTES)
+            .invoke_async(&mut *conn)
             .await?;
-        Ok(stored.is_some())
+        Ok(stored == 1)
     }
 
     async fn view(&self, id: JobId) -> Result<Option<JobView>, StoreError> {
@@ -229,12 +259,16 @@ impl RedisStore {
             .query_async(&mut *conn)
             .await?;
         drop(conn);
-        if moved.is_none() {
-            return Ok(None);
+        match moved.as_deref() {
+            None => Ok(None),
+            // A marker: the result was too large to come with it, so it is read on its own.
+            Some(DONE_MARKER) => {
+                let mut conn = self.pool.get().await?;
+                let json: Option<String> = conn.get(keys::result(id)).await?;
+                json.map(|j| decode(id, &j)).transpose()
+            }
+            Some(json) => decode(id, json).map(Some),
         }
-        let mut conn = self.pool.get().await?;
-        let json: Option<String> = conn.get(keys::result(id)).await?;
-        json.map(|j| decode(id, &j)).transpose()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

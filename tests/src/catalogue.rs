@@ -124,6 +124,31 @@ pub fn statuses() -> Vec<Case> {
             |r| assert_eq!(r.stdout, "''\n"),
         ),
         case(
+            "home and temporary directory are the run's own directory, for children too",
+            "import os, subprocess, tempfile\nhere = os.getcwd()\n\
+             child = subprocess.run(['sh', '-c', 'echo $HOME $TMPDIR'], capture_output=True, text=True)\n\
+             print(os.environ['HOME'] == here, os.environ['TMPDIR'] == here,\n\
+             tempfile.gettempdir() == here, os.path.expanduser('~') == here,\n\
+             child.stdout.split() == [here, here])",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "True True True True True\n"),
+        ),
+        case(
+            "SIGINT raises KeyboardInterrupt, as in any interpreter",
+            "import os, signal\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\n    \
+             import time; time.sleep(1)\nexcept KeyboardInterrupt:\n    print('interrupted')",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "interrupted\n"),
+        ),
+        case(
+            "atexit handlers and non-daemon threads finish before the end",
+            "import atexit, threading, time\natexit.register(lambda: print('at exit'))\n\
+             threading.Thread(target=lambda: (time.sleep(0.2), print('thread'))).start()\n\
+             print('main')",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "main\nthread\nat exit\n"),
+        ),
+        case(
             "sympy",
             "import sympy; print(sympy.factorint(10**10))",
             RunStatus::Success,

@@ -23,6 +23,13 @@ impl EmbeddedApi {
         if !flags.contains(&"--concurrency") {
             args.extend(["--concurrency", "2"]);
         }
+        // Test executables live in deps/, not beside the zygote.
+        let zygote = crate::fleet::binary("pyrunner-zygote")
+            .display()
+            .to_string();
+        if !flags.contains(&"--zygote-bin") {
+            args.extend(["--zygote-bin", &zygote]);
+        }
         args.extend_from_slice(flags);
         let mut config = ApiConfig::try_parse_from(args).expect("valid test flags");
         config.amqp_url = None;
@@ -57,9 +64,18 @@ pub struct Reply {
     pub headers: reqwest::header::HeaderMap,
 }
 
-/// Sends a request with a raw body and content type.
+/// Sends a request with a raw body and content type, on a connection of its own.
 pub async fn send(method: &str, url: &str, body: Option<(&str, Vec<u8>)>) -> Reply {
-    let client = reqwest::Client::new();
+    send_with(&reqwest::Client::new(), method, url, body).await
+}
+
+/// Sends a request through `client`, which keeps its connections open between requests.
+pub async fn send_with(
+    client: &reqwest::Client,
+    method: &str,
+    url: &str,
+    body: Option<(&str, Vec<u8>)>,
+) -> Reply {
     let mut req = client.request(method.parse().unwrap(), url);
     if let Some((content_type, bytes)) = body {
         req = req.header("content-type", content_type).body(bytes);
@@ -92,7 +108,14 @@ pub async fn get(url: &str) -> Reply {
 
 /// Runs code synchronously; panics unless the answer is 200.
 pub async fn run(base: &str, request: &Value) -> RunResult {
-    let reply = post_json(&format!("{base}/run"), request).await;
+    run_with(&reqwest::Client::new(), base, request).await
+}
+
+/// Runs code synchronously through `client`; panics unless the answer is 200.
+pub async fn run_with(client: &reqwest::Client, base: &str, request: &Value) -> RunResult {
+    let body = serde_json::to_vec(request).unwrap();
+    let url = format!("{base}/run");
+    let reply = send_with(client, "POST", &url, Some(("application/json", body))).await;
     assert_eq!(reply.status, 200, "{reply:?}");
     serde_json::from_value(reply.body).expect("a run result")
 }

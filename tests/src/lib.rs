@@ -4,6 +4,7 @@
 pub mod catalogue;
 pub mod fleet;
 pub mod http;
+pub mod procfs;
 
 use std::path::PathBuf;
 
@@ -21,9 +22,13 @@ pub fn executor_args(concurrency: usize) -> ExecutorArgs {
         executor: ExecutorArgs,
     }
     let concurrency = concurrency.to_string();
-    Flags::try_parse_from(["pyrunner-tests", "--concurrency", &concurrency])
+    let mut args = Flags::try_parse_from(["pyrunner-tests", "--concurrency", &concurrency])
         .expect("the executor's defaults parse")
-        .executor
+        .executor;
+    // Test executables live in deps/, not beside the zygote.
+    args.zygote_bin
+        .get_or_insert_with(|| fleet::binary("pyrunner-zygote"));
+    args
 }
 
 /// The prepared runtime the tests use.

@@ -374,6 +374,11 @@ async fn info_health_and_readiness() {
             .is_ascii_digit());
     }
     assert!(info.body["python"].as_str().unwrap().starts_with("3."));
+    assert_eq!(info.body["executor"], "zygote");
+    assert_eq!(
+        info.body["preloaded"],
+        serde_json::json!(["numpy", "numpy.random", "sympy"])
+    );
     assert_eq!(get(&format!("{}/healthz", api.url)).await.status, 200);
     let ready = get(&format!("{}/readyz", api.url)).await;
     assert_eq!(ready.status, 200);

@@ -1,15 +1,27 @@
-//! Runs in real sandboxes, straight through the executor: every status, and the containment
-//! the first sandbox promises. Each case is data: a snippet, its limits, what must come out.
+//! Runs in real sandboxes, straight through the executor: every status, for the zygote's warm
+//! children (the default) and for fresh interpreters. Each case is data: a snippet, its limits, what must come out.
 
 use std::time::{Duration, Instant};
 
 use pyrunner_shared::RunStatus;
 use pyrunner_tests::catalogue::{run_all, statuses};
-use pyrunner_tests::{executor, job, limits};
+use pyrunner_tests::{executor, executor_args, job, limits};
+use pyrunner_worker::config::ExecutorKind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_case_ends_with_its_documented_status() {
     let (executor, _root) = executor(2);
+    assert_eq!(executor.kind(), "zygote");
+    let failures = run_all(&executor, statuses()).await;
+    assert!(failures.is_empty(), "failed cases: {failures:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fresh_executor_gives_the_same_statuses() {
+    let mut args = executor_args(2);
+    args.executor = ExecutorKind::Fresh;
+    let (executor, _root) = args.build().unwrap();
+    assert_eq!(executor.kind(), "fresh");
     let failures = run_all(&executor, statuses()).await;
     assert!(failures.is_empty(), "failed cases: {failures:?}");
 }

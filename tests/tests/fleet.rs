@@ -98,9 +98,18 @@ async fn two_workers_share_one_queue() {
         assert_eq!(result.stdout, format!("{i}\n"));
     }
     let elapsed = started.elapsed();
-    let per_worker: Vec<usize> = (0..2)
-        .map(|i| fleet.worker_log(i).matches("run finished").count())
-        .collect();
+    // A worker logs a run once its result is stored, which can be just after the api answered.
+    let count = || -> Vec<usize> {
+        (0..2)
+            .map(|i| fleet.worker_log(i).matches("run finished").count())
+            .collect()
+    };
+    let mut per_worker = count();
+    let logged = Instant::now();
+    while per_worker.iter().sum::<usize>() < 4 && logged.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        per_worker = count();
+    }
     assert!(
         per_worker.iter().all(|&n| n >= 1),
         "each worker ran jobs: {per_worker:?}"
@@ -180,5 +189,8 @@ async fn readiness_follows_the_workers_and_a_sync_run_without_one_gets_504() {
         .unwrap()
         .iter()
         .any(|p| p["name"] == "sympy"));
+    // The workers report how they run code: warm children of a zygote with the preload set.
+    assert_eq!(info.body["executor"], "zygote", "{info:?}");
+    assert_eq!(info.body["preloaded"][2], "sympy", "{info:?}");
     fleet.stop().await;
 }

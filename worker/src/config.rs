@@ -2,6 +2,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser};
@@ -11,6 +12,8 @@ use crate::executor::Executor;
 use crate::runtime::{PythonRuntime, RuntimeError};
 use crate::sandbox::{self, Sandbox, SandboxError, SandboxSettings};
 use crate::slots::{SlotError, SlotPool};
+use crate::warm_pool::{WarmError, WarmPool, WarmPoolSettings};
+use crate::zygote::ZygoteSettings;
 
 /// How runs are executed: runtime, sandbox settings and concurrency.
 #[derive(Debug, Clone, Args)]
@@ -47,6 +50,45 @@ pub struct ExecutorArgs {
     /// Most open descriptors of one run's process.
     #[arg(long, env = "PYRUNNER_MAX_OPEN_FILES", default_value_t = 256)]
     pub max_open_files: u64,
+    /// How runs get their interpreter: `zygote` (a warm child forked from a preloaded
+    /// interpreter), `fresh` (a new interpreter per run), or `auto` (zygote, falling back to
+    /// fresh where the zygote cannot start).
+    #[arg(long, env = "PYRUNNER_EXECUTOR", value_enum, default_value_t = ExecutorKind::Auto)]
+    pub executor: ExecutorKind,
+    /// Modules the zygote imports once, so that runs import them for free (comma-separated).
+    #[arg(
+        long,
+        env = "PYRUNNER_PRELOAD",
+        value_delimiter = ',',
+        default_value = "numpy,numpy.random,sympy"
+    )]
+    pub preload: Vec<String>,
+    /// Warm children kept ready, each in a slot (a uid and cgroups) of its own (default: four
+    /// per concurrent run). More than the concurrency, so that a slot's next child can get
+    /// ready while other slots serve.
+    #[arg(long, env = "PYRUNNER_WARM_CHILDREN")]
+    pub warm_children: Option<usize>,
+    /// The zygote executable (default: pyrunner-zygote beside this program).
+    #[arg(long, env = "PYRUNNER_ZYGOTE_BIN")]
+    pub zygote_bin: Option<PathBuf>,
+    /// A zygote is replaced after forking this many children, renewing the hash secret and
+    /// address layout its children share.
+    #[arg(long, env = "PYRUNNER_ZYGOTE_MAX_RUNS", default_value_t = 10_000)]
+    pub zygote_max_runs: u64,
+    /// A zygote is replaced after this many seconds.
+    #[arg(long, env = "PYRUNNER_ZYGOTE_MAX_AGE_SECS", default_value_t = 600)]
+    pub zygote_max_age_secs: u64,
+}
+
+/// How runs get their interpreter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorKind {
+    /// The zygote where it can start, else a fresh interpreter per run.
+    Auto,
+    /// Warm children of a zygote; refuse to start without one.
+    Zygote,
+    /// A fresh interpreter per run.
+    Fresh,
 }
 
 /// The executor cannot be set up.
@@ -58,6 +100,8 @@ pub enum SetupError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Slots(#[from] SlotError),
+    #[error("the warm pool cannot start: {0}")]
+    Warm(#[from] WarmError),
     #[error("cannot create the work directory under {path}: {source}")]
     WorkDir {
         path: PathBuf,
@@ -76,20 +120,28 @@ impl ExecutorArgs {
     /// Builds the executor and its work root, which is deleted when the returned guard drops.
     pub fn build(&self) -> Result<(Executor, tempfile::TempDir), SetupError> {
         let runtime = PythonRuntime::open(&self.runtime_dir)?;
-        let sandbox = Sandbox::new(SandboxSettings {
+        let settings = SandboxSettings {
             max_file_bytes: self.max_file_mb * 1024 * 1024,
             max_open_files: self.max_open_files,
             max_processes: self.max_processes,
-        })?;
+        };
+        let sandbox = Sandbox::new(settings.clone())?;
+        let slot_count = match self.executor {
+            ExecutorKind::Fresh => self.concurrency(),
+            ExecutorKind::Auto | ExecutorKind::Zygote => self
+                .warm_children
+                .unwrap_or(4 * self.concurrency())
+                .max(self.concurrency()),
+        };
         let slots = if sandbox::sys::is_root() {
             SlotPool::with_uids(
-                self.concurrency(),
+                slot_count,
                 self.sandbox_uid_base,
                 &self.slot_lock_dir,
                 Some(self.max_processes),
             )?
         } else {
-            SlotPool::new(self.concurrency())
+            SlotPool::new(slot_count)
         };
         let work_err = |source| SetupError::WorkDir {
             path: self.work_dir.clone(),
@@ -103,8 +155,52 @@ impl ExecutorArgs {
         // Traversable, not listable, by the sandbox uids: each run only reaches its own dir.
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o711))
             .map_err(work_err)?;
-        let executor = Executor::new(sandbox, runtime, root.path(), slots);
+        let executor = match self.executor {
+            ExecutorKind::Fresh => Executor::fresh(sandbox, runtime, root.path(), slots),
+            ExecutorKind::Auto | ExecutorKind::Zygote => {
+                let pool = WarmPool::new(
+                    WarmPoolSettings {
+                        zygote: ZygoteSettings {
+                            binary: self.zygote_binary(),
+                            preload: self.preload.clone(),
+                        },
+                        recycle_after_runs: self.zygote_max_runs.max(1),
+                        recycle_after: Duration::from_secs(self.zygote_max_age_secs.max(1)),
+                    },
+                    settings,
+                    runtime.clone(),
+                    Arc::from(root.path()),
+                    slots.size(),
+                );
+                Executor::warm(
+                    sandbox,
+                    runtime,
+                    root.path(),
+                    slots,
+                    self.concurrency(),
+                    pool,
+                )
+            }
+        };
         Ok((executor, root))
+    }
+
+    /// Builds the executor and gets it ready to serve (see [`Executor::start`]): with `auto`, a
+    /// zygote that cannot start leaves a fresh executor.
+    pub async fn start(&self) -> Result<(Executor, tempfile::TempDir), SetupError> {
+        let (executor, root) = self.build()?;
+        let executor = executor.start(self.executor == ExecutorKind::Auto).await?;
+        Ok((executor, root))
+    }
+
+    /// The zygote executable: as configured, else beside the running program.
+    pub fn zygote_binary(&self) -> PathBuf {
+        self.zygote_bin.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|dir| dir.join("pyrunner-zygote")))
+                .unwrap_or_else(|| PathBuf::from("pyrunner-zygote"))
+        })
     }
 }
 

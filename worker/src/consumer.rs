@@ -32,12 +32,15 @@ pub async fn process_job(
     store: &ResultStore,
     job: &Job,
 ) -> Result<RunResult, StoreError> {
-    let slot = executor.slots().acquire().await;
-    if let Err(error) = store.mark_running(job.id).await {
+    let reservation = executor.reserve().await;
+    // The state is written while the run goes on, and before the result.
+    let (marked, result) = tokio::join!(
+        store.mark_running(job.id),
+        executor.run_in(reservation, job)
+    );
+    if let Err(error) = marked {
         tracing::warn!(job = %job.id, %error, "cannot mark job running");
     }
-    let result = executor.run_in(&slot, job).await;
-    drop(slot);
     if !store.put_result(&result).await? {
         tracing::info!(job = %job.id, "a result was already stored; keeping the first");
     }
@@ -60,7 +63,7 @@ pub async fn consume(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ConsumerError> {
     let connection = queue::connect(amqp_url).await?;
-    let prefetch = u16::try_from(executor.slots().size()).unwrap_or(u16::MAX);
+    let prefetch = u16::try_from(executor.concurrency()).unwrap_or(u16::MAX);
     let tag = format!("pyrunner-worker-{}", std::process::id());
     let (channel, mut consumer) = queue::consume(&connection, queue_name, prefetch, &tag).await?;
     tracing::info!(queue = queue_name, prefetch, "consuming jobs");

@@ -1,7 +1,10 @@
 //! The PyRunner worker: takes jobs from the queue and runs each in a sandboxed Python process.
 //!
 //! - [`sandbox`]: the layers a run's process starts in (seccomp, rlimits, uid, session).
-//! - [`executor`]: one run from start to result.
+//! - [`executor`]: one run from start to result, in a fresh interpreter or a warm child.
+//! - [`zygote`]: the process that forks warm children, and how the worker talks to it.
+//! - [`warm_pool`]: one warm child per slot, and the zygote's replacement.
+//! - [`workdir`]: a run's private working directory.
 //! - [`classify`]: how a finished run maps to a status.
 //! - [`slots`]: how many runs go at once, and which uid each gets.
 //! - [`reaper`]: reaping the processes runs leave behind.
@@ -17,6 +20,9 @@ pub mod reaper;
 pub mod runtime;
 pub mod sandbox;
 pub mod slots;
+pub mod warm_pool;
+pub mod workdir;
+pub mod zygote;
 
 pub use executor::Executor;
 pub use runtime::PythonRuntime;

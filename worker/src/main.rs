@@ -8,7 +8,7 @@ use pyrunner_worker::config::WorkerConfig;
 async fn main() -> anyhow::Result<()> {
     init_logging("info");
     let config = WorkerConfig::parse();
-    let (executor, _work_root) = config.executor.build()?;
+    let (executor, _work_root) = config.executor.start().await?;
     let info = executor
         .runtime()
         .probe(&executor)
@@ -16,7 +16,8 @@ async fn main() -> anyhow::Result<()> {
         .context("runtime check failed")?;
     tracing::info!(
         python = %info.python,
-        concurrency = executor.slots().size(),
+        concurrency = executor.concurrency(),
+        executor = executor.kind(),
         layers = ?executor.layers(),
         "runtime ready"
     );

@@ -24,7 +24,7 @@ fn leaders() -> MutexGuard<'static, Option<HashSet<i32>>> {
 }
 
 /// Makes this process a subreaper and starts the reaper thread, once.
-fn start() {
+pub fn start() {
     STARTED.get_or_init(|| {
         // Orphans are found through /proc/self/task/*/children (CONFIG_PROC_CHILDREN). Without
         // it they could never be reaped here, so they are better left to init.

@@ -75,7 +75,7 @@ impl PythonRuntime {
             ("LANG", "C.UTF-8".into()),
             ("LC_ALL", "C.UTF-8".into()),
             // The copied interpreter was linked with a run path the sandbox uid cannot read.
-            ("LD_LIBRARY_PATH", self.dir.join("python/lib").into()),
+            ("LD_LIBRARY_PATH", self.library_dir().into()),
             // One BLAS thread per run: runs are the unit of parallelism, and each thread's
             // buffers would count against the run's address space.
             ("OPENBLAS_NUM_THREADS", "1".into()),
@@ -106,6 +106,15 @@ impl PythonRuntime {
         if result.status != RunStatus::Success {
             return Err(failed(result.stderr.trim().to_owned()));
         }
-        serde_json::from_str(&result.stdout).map_err(|e| failed(e.to_string()))
+        let mut info: RuntimeInfo =
+            serde_json::from_str(&result.stdout).map_err(|e| failed(e.to_string()))?;
+        info.executor = executor.kind().to_owned();
+        info.preloaded = executor.preloaded().to_vec();
+        Ok(info)
+    }
+
+    /// The directory holding the runtime's libpython, which the zygote loads.
+    pub fn library_dir(&self) -> PathBuf {
+        self.dir.join("python/lib")
     }
 }

@@ -45,12 +45,21 @@ impl Backend {
         }
     }
 
-    /// Accepts a job: records it as queued, then hands it to the workers.
+    /// Accepts a job: records it as queued and hands it to the workers.
     pub async fn submit(&self, job: Job) -> Result<(), SubmitError> {
-        self.store().mark_queued(job.id).await?;
         match self {
-            Backend::Fleet(b) => b.publish(&job).await?,
-            Backend::Embedded(b) => b.enqueue(job),
+            // Both at once, to save a round trip: the queued state is written only if no worker
+            // has written a later one.
+            Backend::Fleet(b) => {
+                let (queued, published) =
+                    tokio::join!(self.store().mark_queued(job.id), b.publish(&job));
+                queued?;
+                published?;
+            }
+            Backend::Embedded(b) => {
+                self.store().mark_queued(job.id).await?;
+                b.enqueue(job);
+            }
         }
         Ok(())
     }

@@ -13,11 +13,14 @@ use std::time::{Duration, Instant};
 
 use pyrunner_shared::RunStatus;
 use pyrunner_tests::fleet::Fleet;
-use pyrunner_tests::http::{post_json, run};
+use pyrunner_tests::http::run_with;
 use serde_json::json;
 
 /// Executors to compare, with the environment that selects each. The first is the baseline.
-const EXECUTORS: &[(&str, &[(&str, &str)])] = &[("fresh interpreter", &[])];
+const EXECUTORS: &[(&str, &[(&str, &str)])] = &[
+    ("fresh interpreter", &[("PYRUNNER_EXECUTOR", "fresh")]),
+    ("zygote + warm pool", &[("PYRUNNER_EXECUTOR", "zygote")]),
+];
 
 const SYMPY: &str = "import sympy; print(sympy.factorint(10**10))";
 const NUMPY: &str = "import numpy as np; print(np.arange(10).sum())";
@@ -31,13 +34,15 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 /// p50, p95, p99 in ms of `requests` sequential runs of `code`.
 async fn latency(url: &str, code: &str, requests: usize) -> [f64; 3] {
+    // One client keeping its connection open, as an application calling the service would.
+    let client = reqwest::Client::new();
     for _ in 0..3 {
-        run(url, &json!({ "code": code })).await;
+        run_with(&client, url, &json!({ "code": code })).await;
     }
     let mut times = Vec::with_capacity(requests);
     for _ in 0..requests {
         let started = Instant::now();
-        let result = run(url, &json!({ "code": code })).await;
+        let result = run_with(&client, url, &json!({ "code": code })).await;
         times.push(started.elapsed());
         assert_eq!(result.status, RunStatus::Success, "{result:?}");
     }
@@ -52,12 +57,24 @@ async fn throughput(url: &str, total: usize) -> (f64, usize) {
         .map(|_| {
             let url = url.to_owned();
             tokio::spawn(async move {
+                let client = reqwest::Client::new();
                 let (mut done, mut errors) = (0, 0);
                 while done + errors < total / CONCURRENT_CLIENTS
                     && started.elapsed() < THROUGHPUT_DEADLINE
                 {
-                    let reply = post_json(&format!("{url}/run"), &json!({ "code": "pass" })).await;
-                    if reply.status == 200 && reply.body["status"] == "success" {
+                    let reply = client
+                        .post(format!("{url}/run"))
+                        .json(&json!({ "code": "pass" }))
+                        .send()
+                        .await;
+                    let ok = match reply {
+                        Ok(reply) if reply.status() == 200 => reply
+                            .json::<serde_json::Value>()
+                            .await
+                            .is_ok_and(|body| body["status"] == "success"),
+                        _ => false,
+                    };
+                    if ok {
                         done += 1;
                     } else {
                         errors += 1;
@@ -93,6 +110,27 @@ async fn worker_start(fleet: &mut Fleet) -> f64 {
     }
     times.sort();
     percentile(&times, 0.5)
+}
+
+/// The median USS of the idle warm children of fleet workers on this host (children of a
+/// zygote, which carry its name, whose parent is a pyrunner-worker), in MiB; none without one.
+fn idle_warm_child_uss() -> Option<f64> {
+    use pyrunner_tests::procfs::{is_named, parent, pids, uss_mib};
+    let mut sizes: Vec<f64> = pids()
+        .into_iter()
+        .filter(|&pid| is_named(Some(pid), "pyrunner-zygote"))
+        .filter(|&pid| {
+            let zygote = parent(pid);
+            is_named(zygote, "pyrunner-zygote")
+                && is_named(zygote.and_then(parent), "pyrunner-worker")
+        })
+        .filter_map(uss_mib)
+        .collect();
+    if sizes.is_empty() {
+        return None;
+    }
+    sizes.sort_by(f64::total_cmp);
+    Some(sizes[sizes.len() / 2])
 }
 
 /// p50, p95, p99 in ms of starting the runtime's interpreter directly for `code`, without the
@@ -159,6 +197,11 @@ async fn measure(env: &[(&str, &str)], requests: usize) -> Figures {
         format!("{rate:.0} ({errors})"),
         rate,
     );
+    // Idle by now: every slot holds a warm child waiting for its job.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    if let Some(uss) = idle_warm_child_uss() {
+        f.single("6 one idle warm child, USS MiB", format!("{uss:.2}"), uss);
+    }
     let start = worker_start(&mut fleet).await;
     f.single(
         "7 worker start until consuming, ms",
@@ -175,6 +218,118 @@ async fn measure(env: &[(&str, &str)], requests: usize) -> Figures {
     );
     embedded.stop().await;
     f
+}
+
+/// p50 in ms of `n` timed calls of `f` (after 3 untimed ones).
+async fn p50<F, Fut>(n: usize, mut f: F) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for _ in 0..3 {
+        f().await;
+    }
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        f().await;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    percentile(&times, 0.5)
+}
+
+/// Where the time of a `pass` run through the fleet goes: each part measured on its own, p50.
+async fn profile(requests: usize) -> Vec<(&'static str, f64)> {
+    let mut parts = Vec::new();
+    let fleet = Fleet::start(1, &[("PYRUNNER_EXECUTOR", "zygote")]).await;
+    let client = reqwest::Client::new();
+    let health = format!("{}/healthz", fleet.url);
+    parts.push((
+        "HTTP: a request and its answer (`GET /healthz`, kept-alive connection)",
+        p50(requests, || async {
+            client
+                .get(&health)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+        })
+        .await,
+    ));
+    let redis = pyrunner_shared::store::ResultStore::Redis(
+        pyrunner_shared::store::RedisStore::new(
+            &pyrunner_tests::fleet::redis_url(),
+            Duration::from_secs(60),
+            1,
+        )
+        .unwrap(),
+    );
+    parts.push((
+        "store: one Redis round trip (the path has three: queued, running, result + wake)",
+        p50(requests, || async { redis.ping().await.unwrap() }).await,
+    ));
+    let queue = format!("pyrunner.bench.{}", std::process::id());
+    let publisher =
+        pyrunner_shared::queue::JobPublisher::connect(&pyrunner_tests::fleet::amqp_url(), &queue)
+            .await
+            .unwrap();
+    let connection = pyrunner_shared::queue::connect(&pyrunner_tests::fleet::amqp_url())
+        .await
+        .unwrap();
+    let (channel, consumer) = pyrunner_shared::queue::consume(&connection, &queue, 1, "bench")
+        .await
+        .unwrap();
+    let consumer = tokio::sync::Mutex::new(consumer);
+    let job = pyrunner_tests::job("pass", None, pyrunner_tests::limits(None, None));
+    parts.push((
+        "broker: publish (persistent, confirmed) until a consumer has it",
+        p50(requests, || async {
+            use futures_util::StreamExt;
+            let mut consumer = consumer.lock().await;
+            let (published, delivery) = tokio::join!(publisher.publish(&job), consumer.next());
+            published.unwrap();
+            let delivery = delivery.unwrap().unwrap();
+            delivery
+                .ack(lapin::options::BasicAckOptions::default())
+                .await
+                .unwrap();
+        })
+        .await,
+    ));
+    let _ = channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    fleet.stop().await;
+
+    let mut args = pyrunner_tests::executor_args(1);
+    args.executor = pyrunner_worker::config::ExecutorKind::Zygote;
+    let (executor, _root) = args.build().unwrap();
+    let executor = executor.start(false).await.unwrap();
+    parts.push((
+        "executor: a warm child runs `pass` (job written, end record read), in process",
+        p50(requests, || async {
+            let r = executor
+                .run(&pyrunner_tests::job(
+                    "pass",
+                    None,
+                    pyrunner_tests::limits(None, None),
+                ))
+                .await;
+            assert_eq!(r.status, RunStatus::Success);
+        })
+        .await,
+    ));
+    parts.push((
+        "off the request path: fork, sandbox setup and preparation of a warm child",
+        p50(requests.min(50), || async {
+            executor.refill_time().await.unwrap().unwrap();
+        })
+        .await,
+    ));
+    parts
 }
 
 #[tokio::main]
@@ -203,18 +358,23 @@ async fn main() {
     );
     println!("|---|{}|---:|", vec!["---:"; results.len()].join("|"));
     let baseline = &results[0].1;
-    for row in baseline.shown.keys() {
+    let rows: std::collections::BTreeSet<&str> = results
+        .iter()
+        .flat_map(|(_, f)| f.shown.keys().copied())
+        .collect();
+    for row in rows {
         let cells: Vec<String> = results
             .iter()
             .enumerate()
-            .map(|(i, (_, f))| match i {
-                0 => f.shown[row].clone(),
-                _ => format!(
-                    "{} ({:.2}× baseline)",
-                    f.shown[row],
-                    f.value[row] / baseline.value[row]
-                ),
-            })
+            .map(
+                |(i, (_, f))| match (f.shown.get(row), baseline.value.get(row)) {
+                    (None, _) => "n/a".to_owned(),
+                    (Some(shown), Some(base)) if i > 0 => {
+                        format!("{shown} ({:.2}× baseline)", f.value[row] / base)
+                    }
+                    (Some(shown), _) => shown.clone(),
+                },
+            )
             .collect();
         let reference = bare.shown.get(row).map_or("", String::as_str);
         // Rows are keyed with a digit for their order; it is not shown.
@@ -224,4 +384,9 @@ async fn main() {
         "\n{requests} sequential requests per latency row; the throughput row sends at most {} requests.",
         CONCURRENT_CLIENTS * requests
     );
+    eprintln!("measuring the parts of a run ...");
+    println!("\n| part of a `pass` run through the fleet (zygote) | p50 ms |\n|---|---:|");
+    for (part, ms) in profile(requests).await {
+        println!("| {part} | {ms:.2} |");
+    }
 }

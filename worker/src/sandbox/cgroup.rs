@@ -12,6 +12,7 @@ use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use thiserror::Error;
 
@@ -38,6 +39,9 @@ pub enum CgroupError {
 pub struct SlotCgroups {
     memory: PathBuf,
     pids: PathBuf,
+    /// The memory limit last written, in bytes (0 before the first): most runs of a slot have
+    /// the same limit, and each write is a file operation on the request path.
+    memory_limit: AtomicU64,
 }
 
 /// What a run's cgroup saw.
@@ -99,6 +103,7 @@ impl SlotCgroups {
         let groups = Self {
             memory: make("memory")?,
             pids: make("pids")?,
+            memory_limit: AtomicU64::new(0),
         };
         write(&groups.pids.join("pids.max"), &max_processes.to_string())?;
         // Kill on OOM rather than pause the run (the default, but a host may have changed it).
@@ -117,9 +122,31 @@ impl SlotCgroups {
             .collect()
     }
 
+    /// The `cgroup.procs` files to join, as paths.
+    pub fn procs_paths(&self) -> Vec<PathBuf> {
+        [&self.memory, &self.pids]
+            .iter()
+            .map(|dir| dir.join("cgroup.procs"))
+            .collect()
+    }
+
+    /// Whether no process is left in the slot (its pids cgroup counts none).
+    pub fn is_empty(&self) -> bool {
+        read_u64(&self.pids.join("pids.current")) == Some(0)
+    }
+
     /// Sets the memory limit of the next run and resets the peak counter. Returns the OOM kill
     /// count before the run, to compare with afterwards.
     pub fn prepare(&self, memory_bytes: u64) -> Result<u64, CgroupError> {
+        if self.memory_limit.load(Ordering::Relaxed) != memory_bytes {
+            self.set_memory_limit(memory_bytes)?;
+            self.memory_limit.store(memory_bytes, Ordering::Relaxed);
+        }
+        let _ = fs::write(self.memory.join("memory.max_usage_in_bytes"), "0");
+        Ok(oom_kills(&self.memory))
+    }
+
+    fn set_memory_limit(&self, memory_bytes: u64) -> Result<(), CgroupError> {
         let limit = memory_bytes.to_string();
         let mem = self.memory.join("memory.limit_in_bytes");
         let memsw = self.memory.join("memory.memsw.limit_in_bytes");
@@ -134,8 +161,7 @@ impl SlotCgroups {
         if memsw.exists() {
             write(&memsw, &limit)?;
         }
-        let _ = fs::write(self.memory.join("memory.max_usage_in_bytes"), "0");
-        Ok(oom_kills(&self.memory))
+        Ok(())
     }
 
     /// What the run did, given the OOM kill count [`prepare`](Self::prepare) returned.

@@ -85,10 +85,13 @@ impl Sandbox {
         report: OwnedFd,
     ) -> io::Result<Child> {
         let plan = sys::EntryPlan {
+            entry: sys::Entry::BeforeExec,
             rlimits: rlimits::for_run(limits, &self.settings, cgroups.is_some()),
             ids: uid.map(|u| (u, u)),
-            code_fd: code.as_raw_fd(),
-            report_fd: report.as_raw_fd(),
+            fds: vec![
+                (code.as_raw_fd(), sys::CODE_FD),
+                (report.as_raw_fd(), sys::REPORT_FD),
+            ],
             cgroup_procs: cgroups.map(|c| c.procs_files()).unwrap_or_default(),
             filters: Arc::clone(&self.filters),
         };

@@ -15,6 +15,18 @@ pub fn cpu_limit_secs(limits: &RunLimits) -> u64 {
     limits.timeout_ms.div_ceil(1000) + 1
 }
 
+/// The address space a run's process may add to what it starts with. With a memory cgroup the
+/// address space is only a backstop: an allocation far past the limit still fails at once with
+/// `MemoryError`, and what is touched is bounded by the cgroup. Without one, the address space is
+/// the only memory limit there is, and it is per process.
+pub fn address_space_bytes(limits: &RunLimits, memory_cgroup: bool) -> u64 {
+    if memory_cgroup {
+        limits.memory_bytes() + ADDRESS_SPACE_HEADROOM
+    } else {
+        limits.memory_bytes()
+    }
+}
+
 /// The rlimits a run's process gets. They are inherited by every process it forks.
 /// `memory_cgroup` says whether a memory cgroup enforces the run's memory limit.
 pub fn for_run(limits: &RunLimits, settings: &SandboxSettings, memory_cgroup: bool) -> Vec<Rlimit> {
@@ -22,17 +34,19 @@ pub fn for_run(limits: &RunLimits, settings: &SandboxSettings, memory_cgroup: bo
     // so it would meet the deadline first; several busy threads or processes meet this first.
     // The hard limit, one second later, is SIGKILL for a process that ignores SIGXCPU.
     let cpu_secs = cpu_limit_secs(limits);
-    // With a memory cgroup, the address space is only a backstop: an allocation far past the
-    // limit still fails at once with MemoryError, and what is touched is bounded by the cgroup.
-    // Without one, the address space is the only memory limit there is, and it is per process.
-    let address_space = if memory_cgroup {
-        limits.memory_bytes() + ADDRESS_SPACE_HEADROOM
-    } else {
-        limits.memory_bytes()
-    };
-    vec![
+    let address_space = address_space_bytes(limits, memory_cgroup);
+    let mut rlimits = vec![
         (libc::RLIMIT_CPU, cpu_secs, cpu_secs + 1),
         (libc::RLIMIT_AS, address_space, address_space),
+    ];
+    rlimits.extend(for_pool(settings));
+    rlimits
+}
+
+/// The rlimits that do not depend on the run: what a warm child gets when it is forked, before
+/// it knows its job. CPU time and address space are set once the job arrives.
+pub fn for_pool(settings: &SandboxSettings) -> Vec<Rlimit> {
+    vec![
         (
             libc::RLIMIT_FSIZE,
             settings.max_file_bytes,

@@ -1,12 +1,12 @@
 //! The system calls of the sandbox, and the only module of the worker that uses `unsafe`.
 //!
-//! [`enter`] runs in the forked child between `fork` and `exec`. The parent process is
-//! multi-threaded, so everything it does there must be async-signal-safe: raw system calls on
-//! values prepared before the fork, no allocation, no locks.
+//! [`enter`] runs in the forked child, between `fork` and `exec` for a fresh interpreter or after
+//! the zygote's fork. The worker is multi-threaded, so everything it does there must be
+//! async-signal-safe: raw system calls on values prepared before the fork, no allocation, no locks.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::Arc;
@@ -17,20 +17,37 @@ use seccompiler::BpfProgram;
 pub const CODE_FD: RawFd = 3;
 /// The descriptor the harness writes its exception report to.
 pub const REPORT_FD: RawFd = 4;
+/// Most descriptors an [`EntryPlan`] installs.
+const MAX_FDS: usize = 8;
 
 /// One resource limit: `(resource, soft, hard)`.
 pub type Rlimit = (libc::__rlimit_resource_t, u64, u64);
 
+/// How a process enters its sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Between fork and exec of a fresh interpreter: the process is about to exec, so inherited
+    /// descriptors are only marked close-on-exec, and exec resets signal handlers.
+    BeforeExec,
+    /// In a child forked from the zygote, which will not exec: inherited descriptors are closed
+    /// now, signal mask and handlers are reset here, and the process is made non-dumpable (exec
+    /// would have reset that from the file's permissions).
+    Forked {
+        /// The zygote's pid: a child whose parent is already gone exits instead of running.
+        parent: i32,
+    },
+}
+
 /// Everything the child needs to enter its sandbox, prepared in the parent.
 pub struct EntryPlan {
+    pub entry: Entry,
     /// Resource limits to set.
     pub rlimits: Vec<Rlimit>,
     /// Uid and gid to switch to; none keeps the worker's own.
     pub ids: Option<(u32, u32)>,
-    /// Read end of the code pipe, moved to [`CODE_FD`].
-    pub code_fd: RawFd,
-    /// Write end of the report pipe, moved to [`REPORT_FD`].
-    pub report_fd: RawFd,
+    /// Descriptors to install, as `(open descriptor, number it gets)`; every number from the
+    /// highest target up is then closed (or marked close-on-exec). At most eight.
+    pub fds: Vec<(RawFd, RawFd)>,
     /// `cgroup.procs` files to join, first of all (joining needs the worker's privileges).
     pub cgroup_procs: Vec<std::ffi::CString>,
     /// Seccomp filters, installed last.
@@ -43,6 +60,21 @@ pub fn set_entry(command: &mut Command, plan: EntryPlan) {
     // was fully built before the fork, and makes system calls without allocating or locking.
     unsafe {
         command.pre_exec(move || enter(&plan));
+    }
+}
+
+/// Makes `fd` (which may be close-on-exec) descriptor `target` of `command`'s process.
+pub fn inherit_fd(command: &mut Command, fd: RawFd, target: RawFd) {
+    // SAFETY: dup2 is async-signal-safe and only takes integers. It clears close-on-exec on the
+    // copy; when `fd == target` the flag is cleared explicitly instead.
+    unsafe {
+        command.pre_exec(move || {
+            if fd == target {
+                check(libc::fcntl(fd, libc::F_SETFD, 0).into())
+            } else {
+                check(libc::dup2(fd, target).into())
+            }
+        });
     }
 }
 
@@ -59,9 +91,13 @@ fn check(rc: libc::c_long) -> io::Result<()> {
 /// `no_new_privs`, and seccomp last so that the steps before it may use any system call.
 ///
 /// # Safety
-/// Call only in the child between `fork` and `exec` (e.g. from `CommandExt::pre_exec`), with a
-/// plan whose descriptors are open in this process.
-unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
+/// Call only in a freshly forked child (e.g. from `CommandExt::pre_exec`, or after the zygote's
+/// fork), with a plan whose descriptors are open in this process. Other descriptors of the
+/// process are closed or marked close-on-exec, so no live object may still rely on them.
+pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
+    if plan.fds.len() > MAX_FDS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     // SAFETY: all calls below are plain system calls on integers and on memory owned by `plan`,
     // which outlives this function; none of them allocates or takes a lock.
     unsafe {
@@ -73,24 +109,36 @@ unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
             libc::close(fd);
             check(written as libc::c_long)?;
         }
-        // Move the pipes to their fixed numbers through numbers above both targets, so that
-        // neither dup2 can clobber the other's source. dup2 clears FD_CLOEXEC on the copy.
-        let code = libc::fcntl(plan.code_fd, libc::F_DUPFD_CLOEXEC, 10);
-        check(code.into())?;
-        let report = libc::fcntl(plan.report_fd, libc::F_DUPFD_CLOEXEC, 10);
-        check(report.into())?;
-        check(libc::dup2(code, CODE_FD).into())?;
-        check(libc::dup2(report, REPORT_FD).into())?;
-        // Every other inherited descriptor closes at exec, whatever flags it was opened with.
+        // Install the descriptors through copies above every target, so that no dup2 can
+        // clobber another's source. dup2 clears FD_CLOEXEC on the copy.
+        let mut copies = [0 as RawFd; MAX_FDS];
+        let mut first_free: RawFd = 0;
+        for (i, &(fd, target)) in plan.fds.iter().enumerate() {
+            copies[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 16);
+            check(copies[i].into())?;
+            first_free = first_free.max(target + 1);
+        }
+        for (i, &(_, target)) in plan.fds.iter().enumerate() {
+            check(libc::dup2(copies[i], target).into())?;
+        }
+        // Every other inherited descriptor goes, whatever flags it was opened with.
+        let flags = match plan.entry {
+            Entry::BeforeExec => libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+            Entry::Forked { .. } => 0,
+        };
         check(libc::syscall(
             libc::SYS_close_range,
-            (REPORT_FD + 1) as libc::c_uint,
+            first_free as libc::c_uint,
             libc::c_uint::MAX,
-            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+            flags,
         ))?;
 
         // Own session and process group: the whole tree can be killed with kill(-pid).
         check(libc::setsid().into())?;
+
+        if let Entry::Forked { .. } = plan.entry {
+            reset_signals()?;
+        }
 
         for &(resource, soft, hard) in &plan.rlimits {
             let limit = libc::rlimit {
@@ -105,8 +153,16 @@ unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
             check(libc::setresgid(gid, gid, gid).into())?;
             check(libc::setresuid(uid, uid, uid).into())?;
         }
-        // After the identity change, which would clear it: die with the worker.
+        // After the identity change, which would clear it: die with the parent.
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0).into())?;
+        if let Entry::Forked { parent } = plan.entry {
+            // The parent may have died before the line above took effect.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            // No core dumps and no ptrace or /proc access to this process by its own uid.
+            check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0).into())?;
+        }
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())?;
     }
     for filter in plan.filters.iter() {
@@ -116,6 +172,97 @@ unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Unblocks every signal and restores default handling, as a fresh interpreter would start,
+/// except that SIGPIPE and SIGXFSZ are ignored as CPython ignores them (writes then fail with
+/// `BrokenPipeError` and `OSError(EFBIG)` instead of killing the process), and SIGINT keeps
+/// CPython's handler, which the zygote installed.
+///
+/// # Safety
+/// Only for a single-threaded process about to run code that installs its own handlers.
+unsafe fn reset_signals() -> io::Result<()> {
+    // SAFETY: sigset and sigaction values are initialised by the libc calls that fill them.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        check(libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()).into())?;
+        for signal in 1..libc::SIGRTMAX() {
+            // SIGINT keeps the handler CPython's signal module installed in the zygote, as a
+            // fresh interpreter installs it: a run gets KeyboardInterrupt, not death.
+            if signal == libc::SIGKILL || signal == libc::SIGSTOP || signal == libc::SIGINT {
+                continue;
+            }
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = match signal {
+                libc::SIGPIPE | libc::SIGXFSZ => libc::SIG_IGN,
+                _ => libc::SIG_DFL,
+            };
+            libc::sigemptyset(&mut action.sa_mask);
+            // Numbers glibc reserves for itself fail with EINVAL; they have no handler to reset.
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+    Ok(())
+}
+
+/// One packet received by [`receive_with_fds`].
+pub struct Received {
+    /// Bytes of the message.
+    pub len: usize,
+    /// Descriptors that came with it, close-on-exec.
+    pub fds: Vec<OwnedFd>,
+    /// The message or its descriptors did not fit.
+    pub truncated: bool,
+}
+
+/// Receives one packet into `buffer`, with up to `max_fds` descriptors passed as `SCM_RIGHTS`.
+pub fn receive_with_fds(
+    socket: BorrowedFd<'_>,
+    buffer: &mut [u8],
+    max_fds: usize,
+) -> Result<Received, nix::Error> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * max_fds.max(1)];
+    loop {
+        let mut iov = [std::io::IoSliceMut::new(buffer)];
+        match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e),
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for cmsg in msg.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                        // SAFETY: the kernel has just installed these descriptors in this
+                        // process for this message; nothing else knows or owns them.
+                        fds.extend(
+                            raw.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+                return Ok(Received {
+                    len: msg.bytes,
+                    fds,
+                    truncated: msg
+                        .flags
+                        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
+                });
+            }
+        }
+    }
+}
+
+/// Registers a socket or pipe with the tokio reactor (which must be running).
+pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is open for as long as it lives, always returns the same number, and
+    // is owned (so kept open) by the AsyncFd until the AsyncFd is dropped.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register(fd) }?)
 }
 
 /// A pipe whose both ends close on exec.

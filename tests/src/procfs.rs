@@ -1,0 +1,61 @@
+//! Processes as `/proc` shows them, for the tests and the benchmark.
+
+/// Every process id on the host.
+pub fn pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The command name of `pid` (at most 15 bytes).
+pub fn comm(pid: u32) -> Option<String> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(comm.trim_end().to_owned())
+}
+
+/// The parent of `pid`.
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces; the parent is the second field
+    // after it.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The real uid of `pid`.
+pub fn uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+}
+
+/// Whether `pid` exists and is named `name`.
+pub fn is_named(pid: Option<u32>, name: &str) -> bool {
+    pid.and_then(comm).is_some_and(|c| c == name)
+}
+
+/// The children of `parent` named `name`.
+pub fn children_named(parent_pid: u32, name: &str) -> Vec<u32> {
+    pids()
+        .into_iter()
+        .filter(|&pid| parent(pid) == Some(parent_pid) && is_named(Some(pid), name))
+        .collect()
+}
+
+/// Unique memory (USS) of `pid`, in MiB: its private pages, clean and dirty.
+pub fn uss_mib(pid: u32) -> Option<f64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kb: u64 = rollup
+        .lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    Some(kb as f64 / 1024.0)
+}

@@ -1,0 +1,226 @@
+//! The zygote's life: replaced when it dies (the runs it had end `internal_error`, nothing
+//! hangs), a warm child that dies is replaced, the zygote is recycled after its runs (renewing
+//! the hash secret), and `auto` falls back to fresh interpreters where no zygote can start.
+
+use std::time::{Duration, Instant};
+
+use pyrunner_shared::RunStatus;
+use pyrunner_tests::{executor_args, job, limits};
+use pyrunner_worker::config::{ExecutorArgs, ExecutorKind};
+use pyrunner_worker::Executor;
+
+/// The zygotes this test process started.
+fn zygotes() -> Vec<u32> {
+    pyrunner_tests::procfs::children_named(std::process::id(), "pyrunner-zygote")
+}
+
+/// Settings of a zygote executor for one run at a time, with `warm_children` slots.
+fn zygote_args(warm_children: usize) -> ExecutorArgs {
+    let mut args = executor_args(1);
+    args.executor = ExecutorKind::Zygote;
+    args.warm_children = Some(warm_children);
+    args
+}
+
+/// An executor built from `args` and started: its zygote up, its warm children ready.
+async fn started(args: &ExecutorArgs) -> (Executor, tempfile::TempDir) {
+    let (executor, root) = args.build().unwrap();
+    (executor.start(false).await.unwrap(), root)
+}
+
+fn kill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_zygote_fails_its_runs_and_is_replaced() {
+    let (executor, _root) = started(&zygote_args(2)).await;
+    let first = zygotes();
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    let running = {
+        let executor = executor.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let code = "import time\nprint('started', flush=True)\ntime.sleep(20)";
+            let result = executor.run(&job(code, None, limits(None, None))).await;
+            (result, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill(first[0]);
+    let (result, took) = running.await.unwrap();
+    assert_eq!(result.status, RunStatus::InternalError, "{result:#?}");
+    assert!(took < Duration::from_secs(5), "the run hung for {took:?}");
+
+    // The next run gets a new zygote (the old one's warm children died with it).
+    let next = executor
+        .run(&job("print(6 * 7)", None, limits(None, None)))
+        .await;
+    assert_eq!(next.status, RunStatus::Success, "{next:#?}");
+    assert_eq!(next.stdout, "42\n");
+    let now = zygotes();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_warm_child_is_replaced() {
+    let (executor, _root) = started(&zygote_args(1)).await;
+    for _ in 0..3 {
+        // The slot's waiting child is the zygote's only child.
+        let zygote = zygotes()[0];
+        let children = std::fs::read_to_string(format!("/proc/{zygote}/task/{zygote}/children"))
+            .unwrap_or_default();
+        let warm: Vec<u32> = children
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(warm.len(), 1, "{warm:?}");
+        kill(warm[0]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = executor
+            .run(&job("print('fine')", None, limits(None, None)))
+            .await;
+        assert_eq!(r.status, RunStatus::Success, "{r:#?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zygote_is_recycled_after_its_runs() {
+    let mut args = zygote_args(1);
+    args.zygote_max_runs = 3;
+    let (executor, _root) = started(&args).await;
+    let first = zygotes();
+    let mut hashes = std::collections::BTreeSet::new();
+    // The successor starts in the background while the old zygote keeps serving.
+    let started = Instant::now();
+    let mut runs = 0;
+    while hashes.len() < 2 && started.elapsed() < Duration::from_secs(10) {
+        let r = executor
+            .run(&job("print(hash('pyrunner'))", None, limits(None, None)))
+            .await;
+        assert_eq!(r.status, RunStatus::Success, "{r:#?}");
+        hashes.insert(r.stdout);
+        runs += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Children of one zygote share its hash secret; a new zygote draws a new one.
+    assert!(
+        hashes.len() >= 2,
+        "one hash secret for {runs} runs: {hashes:?}"
+    );
+    // The old one ends with its last child, and is reaped.
+    let retired = Instant::now();
+    while zygotes().iter().any(|z| first.contains(z)) {
+        assert!(
+            retired.elapsed() < Duration::from_secs(3),
+            "the first zygote is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_fresh_interpreters_without_a_zygote() {
+    let mut args = executor_args(1);
+    args.zygote_bin = Some("/nonexistent/pyrunner-zygote".into());
+
+    args.executor = ExecutorKind::Zygote;
+    let (executor, _root) = args.build().unwrap();
+    assert!(
+        executor.start(false).await.is_err(),
+        "zygote mode must refuse"
+    );
+
+    args.executor = ExecutorKind::Auto;
+    let (executor, _root) = args.build().unwrap();
+    let executor = executor.start(true).await.unwrap();
+    assert_eq!(executor.kind(), "fresh");
+    let r = executor
+        .run(&job(
+            "import sympy; print(sympy.Integer(2)**10)",
+            None,
+            limits(None, None),
+        ))
+        .await;
+    assert_eq!(r.status, RunStatus::Success, "{r:#?}");
+    assert_eq!(r.stdout, "1024\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_in_place_of_the_report_pipe_gets_no_end_record() {
+    let (executor, _root) = pyrunner_tests::executor(1);
+    // A place the run may write and the test may read after the run's directory is gone.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let path = dir.path().join("mine.txt");
+    let code = format!(
+        "import os\nos.close(4)\nspare = open(os.devnull)\nf = open({:?}, 'w')\nprint(f.fileno())\nf.write('mine')\nf.flush()",
+        path.display().to_string()
+    );
+    let r = executor.run(&job(&code, None, limits(None, None))).await;
+    assert_eq!(r.status, RunStatus::Success, "{r:#?}");
+    assert_eq!(r.stdout, "4\n", "the file did not take descriptor 4");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "mine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zygote_runs_under_the_runs_seccomp_filter() {
+    let (_executor, _root) = started(&zygote_args(1)).await;
+    let zygote = zygotes()[0];
+    let status = std::fs::read_to_string(format!("/proc/{zygote}/status")).unwrap();
+    // Mode 2: a filter is installed (and its children inherit it).
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_end_record_ends_only_its_own_run_and_the_process_dies() {
+    let (executor, _root) = pyrunner_tests::executor(1);
+    // The run writes a record of its own, closes its pipes and goes on.
+    let code = r#"
+import os, sys, time
+print(os.getpid(), flush=True)
+os.write(4, b'\n\x1epyrunner-end {"exit":7,"cpu_ms":0,"peak_rss_kb":0}\n')
+for fd in (1, 2, 4):
+    os.close(fd)
+time.sleep(30)
+"#;
+    let started = Instant::now();
+    let r = executor.run(&job(code, None, limits(None, None))).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // It only lied about itself: its own result says what it wrote.
+    assert_eq!(r.exit_code, Some(7), "{r:#?}");
+    let pid: u32 = r.stdout.trim().parse().unwrap();
+    let gone = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            gone.elapsed() < Duration::from_secs(2),
+            "the process went on after its answer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The slot serves the next run.
+    let next = executor
+        .run(&job("print('next')", None, limits(None, None)))
+        .await;
+    assert_eq!(next.stdout, "next\n");
+}

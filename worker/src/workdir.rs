@@ -1,0 +1,65 @@
+//! A run's working directory: fresh, with a random name, private to the run's uid, and removed
+//! when its guard drops.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// A working directory could not be made.
+#[derive(Debug, Error)]
+pub enum WorkdirError {
+    #[error("cannot create a working directory under {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot hand the working directory {path} to uid {uid}: {source}")]
+    Chown {
+        path: PathBuf,
+        uid: u32,
+        source: nix::Error,
+    },
+}
+
+/// A private working directory under `root` for a run of `uid` (mode 0700, owned by the uid
+/// and its same-numbered gid, or by the worker when there is no uid).
+pub fn make_workdir(root: &Path, uid: Option<u32>) -> Result<tempfile::TempDir, WorkdirError> {
+    // Private to the run's uid: concurrent runs must not read each other's files.
+    let dir = tempfile::Builder::new()
+        .prefix("run-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(root)
+        .map_err(|source| WorkdirError::Create {
+            path: root.to_path_buf(),
+            source,
+        })?;
+    if let Some(uid) = uid {
+        nix::unistd::chown(
+            dir.path(),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(uid)),
+        )
+        .map_err(|source| WorkdirError::Chown {
+            path: dir.path().to_path_buf(),
+            uid,
+            source,
+        })?;
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_workdir_is_private_and_goes_with_its_guard() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = make_workdir(root.path(), None).unwrap();
+        let meta = std::fs::metadata(dir.path()).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o700);
+        let path = dir.path().to_path_buf();
+        drop(dir);
+        assert!(!path.exists());
+    }
+}

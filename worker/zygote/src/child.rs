@@ -1,0 +1,107 @@
+//! A warm child, from the fork to `_exit`: it enters its sandbox, says it is ready, waits for
+//! its one job on the code pipe, applies the job's own limits and runs it. Its seccomp filter is
+//! the zygote's, inherited through the fork.
+
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use nix::sys::resource::{setrlimit, Resource};
+use pyrunner_worker::sandbox::sys::{Entry, EntryPlan};
+use pyrunner_worker::zygote::protocol::{JobHeader, SpawnSpec, ENTRY_FAILED};
+
+use crate::ffi::{self, Interpreter};
+
+/// Runs the child's life and ends the process; never returns.
+pub fn run(interpreter: &Interpreter, spec: &SpawnSpec, fds: Vec<OwnedFd>, zygote: i32) -> ! {
+    let code = match serve(interpreter, spec, fds, zygote) {
+        Ok(code) => code,
+        Err(error) => {
+            let _ = writeln!(io::stderr(), "pyrunner-zygote: warm child failed: {error}");
+            ENTRY_FAILED
+        }
+    };
+    ffi::exit_now(code)
+}
+
+fn serve(
+    interpreter: &Interpreter,
+    spec: &SpawnSpec,
+    fds: Vec<OwnedFd>,
+    zygote: i32,
+) -> Result<i32, String> {
+    if fds.len() != pyrunner_worker::zygote::protocol::SPAWN_FDS {
+        return Err(format!("{} descriptors came with the request", fds.len()));
+    }
+    let plan = EntryPlan {
+        entry: Entry::Forked { parent: zygote },
+        rlimits: spec
+            .rlimits
+            .iter()
+            .map(|&(resource, soft, hard)| (resource as _, soft, hard))
+            .collect(),
+        ids: spec.ids,
+        fds: fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| (fd.as_raw_fd(), i as RawFd))
+            .collect(),
+        cgroup_procs: spec
+            .cgroup_procs
+            .iter()
+            .map(|p| CString::new(p.as_os_str().as_bytes()).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?,
+        // The zygote's own filter, installed once before it forked, is inherited.
+        filters: Arc::new(Vec::new()),
+    };
+    ffi::enter_sandbox(&plan).map_err(|e| format!("cannot enter the sandbox: {e}"))?;
+    // The received descriptors now live on as 0 to 4 and the originals were closed with the
+    // rest: their numbers may be reused, so they must not be closed again.
+    for fd in fds {
+        let _ = fd.into_raw_fd();
+    }
+    std::env::set_current_dir(&spec.workdir)
+        .map_err(|e| format!("cannot enter {}: {e}", spec.workdir.display()))?;
+    interpreter
+        .prepare(&spec.workdir)
+        .map_err(|e| format!("cannot prepare the run: {e}"))?;
+    let report = ffi::write_ready().map_err(|e| format!("cannot report ready: {e}"))?;
+
+    let mut input = Vec::new();
+    ffi::code_pipe()
+        .read_to_end(&mut input)
+        .map_err(|e| format!("cannot read the job: {e}"))?;
+    if input.is_empty() {
+        // The worker let this child go without a job.
+        return Ok(0);
+    }
+    let (header, code) = JobHeader::split(&input).ok_or("malformed job header")?;
+    setrlimit(Resource::RLIMIT_CPU, header.cpu_secs, header.cpu_secs + 1)
+        .map_err(|e| format!("cannot limit cpu time: {e}"))?;
+    // The address space is counted from what the child has mapped (the zygote's whole heap),
+    // so the run's own allowance comes on top of it.
+    let mapped = mapped_bytes().map_err(|e| format!("cannot read /proc/self/statm: {e}"))?;
+    let address_space = mapped.saturating_add(header.address_space_bytes);
+    setrlimit(Resource::RLIMIT_AS, address_space, address_space)
+        .map_err(|e| format!("cannot limit the address space: {e}"))?;
+    let exit = interpreter.serve(code);
+    ffi::end_run(exit, report);
+    Ok(exit)
+}
+
+/// The size of this process's address space.
+fn mapped_bytes() -> io::Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| io::Error::other("unexpected format"))?;
+    Ok(pages
+        * nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096) as u64)
+}

@@ -1,0 +1,107 @@
+//! The zygote process: embeds CPython from the runtime's virtual environment, imports the preload
+//! set once, freezes the heap, and then forks one warm child per request from its worker. Each
+//! child enters its sandbox at once and waits for exactly one job.
+//!
+//! - [`ffi`]: the interpreter and the fork (the crate's only `unsafe`).
+//! - [`server`]: the single-threaded loop serving the worker's requests and reaping children.
+//! - [`child`]: a warm child's life, from its sandbox to `_exit`.
+//!
+//! The worker starts this binary with its end of the control socket as descriptor 3 and the
+//! runs' environment as its own (every child inherits `os.environ`). It reads no other
+//! configuration from the environment.
+
+pub mod child;
+pub mod ffi;
+pub mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use pyrunner_worker::sandbox::seccomp;
+use pyrunner_worker::zygote::protocol::{self, Event};
+
+/// Command line of the zygote, given by its worker.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "pyrunner-zygote",
+    version,
+    about = "PyRunner zygote: started by pyrunner-worker, not by hand"
+)]
+pub struct Args {
+    /// The runtime's virtual-environment interpreter (sys.executable of every run).
+    #[arg(long)]
+    pub python: PathBuf,
+    /// Modules to import before forking, separated by commas.
+    #[arg(long, default_value = "", value_delimiter = ',')]
+    pub preload: Vec<String>,
+}
+
+/// Starts the interpreter, reports to the worker and serves until the worker goes away.
+pub fn run(args: &Args) -> ExitCode {
+    let started = Instant::now();
+    let control = ffi::control_socket();
+    let ready = prepare(args, started);
+    let interpreter = match ready {
+        Ok((interpreter, event)) => {
+            if protocol::send(&control, &event, &[]).is_err() {
+                return ExitCode::FAILURE;
+            }
+            interpreter
+        }
+        Err(error) => {
+            let _ = protocol::send(&control, &Event::Failed { error }, &[]);
+            return ExitCode::FAILURE;
+        }
+    };
+    match server::serve(&interpreter, control) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("pyrunner-zygote: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn prepare(args: &Args, started: Instant) -> Result<(ffi::Interpreter, Event), String> {
+    // Terminal signals meant for the worker's group are not for the zygote; it ends when its
+    // socket closes.
+    let _ = nix::unistd::setsid();
+    ffi::become_child_subreaper().map_err(|e| format!("cannot become a subreaper: {e}"))?;
+    let preload: Vec<String> = args
+        .preload
+        .iter()
+        .map(|m| m.trim().to_owned())
+        .filter(|m| !m.is_empty())
+        .collect();
+    let loaded =
+        ffi::Interpreter::start(&args.python, &preload, pyrunner_worker::executor::HARNESS)
+            .map_err(|e| e.to_string())?;
+    let huge_pages_mib = (ffi::collapse_heap() >> 20) as u64;
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if threads != 1 {
+        return Err(format!(
+            "the zygote has {threads} threads after its imports, and fork is only safe with one \
+             (a preloaded module started threads; OPENBLAS_NUM_THREADS=1 and the like prevent \
+             that for numpy)"
+        ));
+    }
+    // The runs' seccomp filter, on the zygote itself: every child inherits it through the fork
+    // (installing it per child would compile it to BPF each time), and the zygote, which needs
+    // none of the calls it denies, is held to it too.
+    let filters = seccomp::compile(seccomp::POLICY).map_err(|e| e.to_string())?;
+    for filter in &filters {
+        seccompiler::apply_filter(filter)
+            .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
+    }
+    let event = Event::Ready {
+        python: loaded.python,
+        preloaded: loaded.preloaded,
+        startup_ms: started.elapsed().as_millis() as u64,
+        huge_pages_mib,
+    };
+    Ok((loaded.interpreter, event))
+}
