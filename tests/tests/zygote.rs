@@ -189,6 +189,26 @@ async fn the_zygote_runs_under_the_runs_seccomp_filter() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_preload_s_object_arenas_sit_in_one_region_for_huge_pages() {
+    let (executor, _root) = started(&zygote_args(1)).await;
+    let info = executor.zygote_info().await.expect("a zygote");
+    // numpy and sympy fill about 30 MiB of arenas; all of them come from the region.
+    assert!(info.arena_mib >= 8, "{info:?}");
+    // Arenas past the seal come from mmap as usual, and runs that allocate many go on working.
+    let r = executor
+        .run(&job(
+            "x = [str(i) * 3 for i in range(300_000)]\nprint(len(x))",
+            None,
+            limits(None, None),
+        ))
+        .await;
+    assert_eq!(
+        (r.status, r.stdout.as_str()),
+        (RunStatus::Success, "300000\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_end_record_ends_only_its_own_run_and_the_process_dies() {
     let (executor, _root) = pyrunner_tests::executor(1);
     // The run writes a record of its own, closes its pipes and goes on.

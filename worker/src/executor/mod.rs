@@ -166,6 +166,15 @@ impl Executor {
         Ok(self)
     }
 
+    /// What the zygote reported when it got ready; `None` for fresh interpreters, or when no
+    /// zygote can be had.
+    pub async fn zygote_info(&self) -> Option<crate::zygote::ZygoteInfo> {
+        match &self.mode {
+            Mode::Warm(pool) => pool.zygote_info().await.ok(),
+            Mode::Fresh => None,
+        }
+    }
+
     /// Which way runs get their process: `zygote` or `fresh`.
     pub fn kind(&self) -> &'static str {
         match self.mode {

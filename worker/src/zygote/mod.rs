@@ -74,6 +74,8 @@ pub struct ZygoteInfo {
     pub startup_ms: u64,
     /// How much of the preloaded heap moved to 2 MiB pages (cheaper forks and exits).
     pub huge_pages_mib: u64,
+    /// How much of it is object arenas laid out in one region for that.
+    pub arena_mib: u64,
 }
 
 /// How a child of the zygote ended.
@@ -203,11 +205,13 @@ impl Zygote {
                 preloaded,
                 startup_ms,
                 huge_pages_mib,
+                arena_mib,
             }) => ZygoteInfo {
                 python,
                 preloaded,
                 startup_ms,
                 huge_pages_mib,
+                arena_mib,
             },
             Some(Event::Failed { error }) => return Err(ZygoteError::Failed(error)),
             Some(other) => return Err(ZygoteError::Unexpected(format!("{other:?}"))),
@@ -224,6 +228,7 @@ impl Zygote {
             pid,
             startup_ms = info.startup_ms,
             huge_pages_mib = info.huge_pages_mib,
+            arena_mib = info.arena_mib,
             preloaded = ?info.preloaded,
             "zygote ready"
         );

@@ -62,6 +62,9 @@ pub enum Event {
         startup_ms: u64,
         /// How much of the preloaded heap moved to 2 MiB pages.
         huge_pages_mib: u64,
+        /// How much of it is object arenas laid out for that (0: CPython's own layout).
+        #[serde(default)]
+        arena_mib: u64,
     },
     /// The zygote cannot serve; it exits after this message.
     Failed { error: String },

@@ -1,5 +1,5 @@
-//! The embedded interpreter, the fork, and the other calls that need `unsafe`: the only module
-//! of the zygote that uses it.
+//! The embedded interpreter, the fork, and the other calls that need `unsafe` (with
+//! `arena`, the only modules of the zygote that use it).
 //!
 //! The interpreter is initialised from an isolated configuration whose `executable` is the
 //! runtime venv's python, so `sys.prefix` is the venv and its site-packages are importable, and

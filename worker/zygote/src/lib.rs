@@ -2,7 +2,9 @@
 //! set once, freezes the heap, and then forks one warm child per request from its worker. Each
 //! child enters its sandbox at once and waits for exactly one job.
 //!
-//! - [`ffi`]: the interpreter and the fork (the crate's only `unsafe`).
+//! - [`ffi`]: the interpreter and the fork.
+//! - [`arena`]: the region the preload's object arenas are carved from, so that they can be
+//!   moved to huge pages. These two are the crate's only `unsafe`.
 //! - [`server`]: the single-threaded loop serving the worker's requests and reaping children.
 //! - [`child`]: a warm child's life, from its sandbox to `_exit`.
 //!
@@ -10,6 +12,7 @@
 //! runs' environment as its own (every child inherits `os.environ`). It reads no other
 //! configuration from the environment.
 
+pub mod arena;
 pub mod child;
 pub mod ffi;
 pub mod server;
@@ -75,9 +78,14 @@ fn prepare(args: &Args, started: Instant) -> Result<(ffi::Interpreter, Event), S
         .map(|m| m.trim().to_owned())
         .filter(|m| !m.is_empty())
         .collect();
+    // Without the region the preload's arenas stay in small pages: slower forks, nothing worse.
+    if let Err(error) = arena::install() {
+        eprintln!("pyrunner-zygote: object arenas stay where CPython puts them: {error}");
+    }
     let loaded =
         ffi::Interpreter::start(&args.python, &preload, pyrunner_worker::executor::HARNESS)
             .map_err(|e| e.to_string())?;
+    let arena_mib = (arena::seal() >> 20) as u64;
     let huge_pages_mib = (ffi::collapse_heap() >> 20) as u64;
     let threads = std::fs::read_dir("/proc/self/task")
         .map(|d| d.count())
@@ -102,6 +110,7 @@ fn prepare(args: &Args, started: Instant) -> Result<(ffi::Interpreter, Event), S
         preloaded: loaded.preloaded,
         startup_ms: started.elapsed().as_millis() as u64,
         huge_pages_mib,
+        arena_mib,
     };
     Ok((loaded.interpreter, event))
 }
