@@ -406,6 +406,14 @@ pub fn hostile() -> Vec<Case> {
             RunStatus::Success,
             |r| assert_eq!(r.stdout, "b'hi'\n"),
         ),
+        case(
+            "the network namespace has no interface but a loopback, and no route",
+            "lines = open('/proc/self/net/dev').read().splitlines()[2:]\n\
+             print([l.split(':')[0].strip() for l in lines])\n\
+             print(open('/proc/self/net/route').read().splitlines()[1:])",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "['lo']\n[]\n"),
+        ),
         case("environment is empty of the worker's variables", "import os; print(sorted(os.environ))", RunStatus::Success, |r| {
             assert!(!r.stdout.contains("PYRUNNER_TEST_SECRET"), "{}", r.stdout);
             assert!(!r.stdout.contains("REDIS_URL") && !r.stdout.contains("AMQP_URL"), "{}", r.stdout);

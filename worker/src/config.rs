@@ -163,6 +163,7 @@ impl ExecutorArgs {
                         zygote: ZygoteSettings {
                             binary: self.zygote_binary(),
                             preload: self.preload.clone(),
+                            netns: sandbox.netns().cloned(),
                         },
                         recycle_after_runs: self.zygote_max_runs.max(1),
                         recycle_after: Duration::from_secs(self.zygote_max_age_secs.max(1)),

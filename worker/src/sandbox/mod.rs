@@ -1,9 +1,12 @@
-//! The sandbox a run's Python process starts in: its slot's cgroups, its own session and process
-//! group, resource limits, an unprivileged uid per run slot, `no_new_privs` and a seccomp filter.
+//! The sandbox a run's Python process starts in: its slot's cgroups, an empty network namespace,
+//! its own session and process group, resource limits, an unprivileged uid per run slot,
+//! `no_new_privs` and a seccomp filter.
 //!
-//! Namespaces and Landlock are not applied yet; docs/SECURITY.md says what this leaves open.
+//! Other namespaces and Landlock are not applied yet; docs/SECURITY.md says what this leaves
+//! open.
 
 pub mod cgroup;
+pub mod netns;
 pub mod rlimits;
 pub mod seccomp;
 pub mod sys;
@@ -45,31 +48,53 @@ pub enum SandboxError {
     Seccomp(#[from] seccomp::SeccompError),
 }
 
-/// The sandbox of a worker: settings and the compiled seccomp filters, shared by all runs.
+/// The sandbox of a worker: settings, the compiled seccomp filters and the network namespace,
+/// shared by all runs.
 #[derive(Clone)]
 pub struct Sandbox {
     settings: SandboxSettings,
     filters: Arc<Vec<BpfProgram>>,
+    netns: Option<netns::NetNamespace>,
 }
 
 impl Sandbox {
-    /// Compiles the seccomp policy.
+    /// Compiles the seccomp policy and makes the runs' network namespace (where the host
+    /// allows it; see [`netns`]).
     pub fn new(settings: SandboxSettings) -> Result<Self, SandboxError> {
+        let netns = netns::NetNamespace::create()
+            .inspect_err(|error| {
+                tracing::warn!(
+                    %error,
+                    "runs share the worker's network namespace (seccomp alone keeps them off \
+                     the network)"
+                )
+            })
+            .ok();
         Ok(Self {
             filters: Arc::new(seccomp::compile(seccomp::POLICY)?),
             settings,
+            netns,
         })
     }
 
     /// The protection layers every run gets, for logs and reports.
     pub fn layers(&self) -> Vec<&'static str> {
-        vec![
+        let mut layers = vec![
             "rlimits",
             "process_group",
             "no_new_privs",
             "seccomp",
             "empty_env",
-        ]
+        ];
+        if self.netns.is_some() {
+            layers.push("network_namespace");
+        }
+        layers
+    }
+
+    /// The runs' network namespace, where the host allowed one.
+    pub fn netns(&self) -> Option<&netns::NetNamespace> {
+        self.netns.as_ref()
     }
 
     /// Spawns `command` inside the sandbox, as `uid` (and the same gid) when given, and in
@@ -93,6 +118,7 @@ impl Sandbox {
                 (report.as_raw_fd(), sys::REPORT_FD),
             ],
             cgroup_procs: cgroups.map(|c| c.procs_files()).unwrap_or_default(),
+            netns: self.netns.as_ref().map(netns::NetNamespace::fd),
             filters: Arc::clone(&self.filters),
         };
         sys::set_entry(command, plan);

@@ -50,6 +50,8 @@ pub struct EntryPlan {
     pub fds: Vec<(RawFd, RawFd)>,
     /// `cgroup.procs` files to join, first of all (joining needs the worker's privileges).
     pub cgroup_procs: Vec<std::ffi::CString>,
+    /// A network namespace to join, right after the cgroups (it needs `CAP_SYS_ADMIN`).
+    pub netns: Option<RawFd>,
     /// Seccomp filters, installed last.
     pub filters: Arc<Vec<BpfProgram>>,
 }
@@ -60,6 +62,16 @@ pub fn set_entry(command: &mut Command, plan: EntryPlan) {
     // was fully built before the fork, and makes system calls without allocating or locking.
     unsafe {
         command.pre_exec(move || enter(&plan));
+    }
+}
+
+/// Makes `command`'s process start in the network namespace `netns` (an open descriptor of
+/// one), or fail to start.
+pub fn join_netns(command: &mut Command, netns: RawFd) {
+    // SAFETY: setns is async-signal-safe and only takes integers; `netns` stays open until the
+    // spawn returns.
+    unsafe {
+        command.pre_exec(move || check(libc::setns(netns, libc::CLONE_NEWNET).into()));
     }
 }
 
@@ -108,6 +120,9 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
             let written = libc::write(fd, b"0".as_ptr().cast(), 1);
             libc::close(fd);
             check(written as libc::c_long)?;
+        }
+        if let Some(netns) = plan.netns {
+            check(libc::setns(netns, libc::CLONE_NEWNET).into())?;
         }
         // Install the descriptors through copies above every target, so that no dup2 can
         // clobber another's source. dup2 clears FD_CLOEXEC on the copy.

@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use self::protocol::{Event, ProtocolError, Request, SpawnSpec, CONTROL_FD, SPAWN_FDS};
 use crate::reaper;
 use crate::runtime::PythonRuntime;
+use crate::sandbox::netns::NetNamespace;
 use crate::sandbox::sys;
 
 /// How long a zygote may take to import its preload set.
@@ -38,6 +39,8 @@ pub struct ZygoteSettings {
     pub binary: PathBuf,
     /// Modules imported before forking.
     pub preload: Vec<String>,
+    /// The runs' network namespace: the zygote starts in it, and its children inherit it.
+    pub netns: Option<NetNamespace>,
 }
 
 /// A zygote that cannot start or serve.
@@ -185,6 +188,9 @@ impl Zygote {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         sys::inherit_fd(&mut command, theirs.as_raw_fd(), CONTROL_FD);
+        if let Some(netns) = &settings.netns {
+            sys::join_netns(&mut command, netns.fd());
+        }
         // Orphans of runs end up here if the zygote dies; the reaper also reaps the zygote.
         reaper::start();
         let child = command.spawn().map_err(|source| ZygoteError::Start {

@@ -36,6 +36,8 @@ fn serve(
         return Err(format!("{} descriptors came with the request", fds.len()));
     }
     let plan = EntryPlan {
+        // The zygote already is in the runs' network namespace.
+        netns: None,
         entry: Entry::Forked { parent: zygote },
         rlimits: spec
             .rlimits

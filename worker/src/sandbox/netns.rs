@@ -1,0 +1,46 @@
+//! The network namespace of every run: one per worker, made at start, with no interface but the
+//! loopback every namespace has, which stays down. A run there has no route anywhere, and the
+//! host's abstract unix sockets (which belong to a network namespace) are out of its reach.
+//!
+//! A new network namespace costs about half a millisecond and the kernel tears it down slowly,
+//! so runs share this one rather than get their own: there is nothing in it to share. Fresh
+//! interpreters join it between fork and exec; the zygote is started inside it, and its
+//! children inherit it.
+//!
+//! Making one needs `CAP_SYS_ADMIN` (a default container lacks it); without it runs keep the
+//! worker's network namespace, and the seccomp filter alone keeps them off the network.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use nix::sched::CloneFlags;
+
+/// An empty network namespace, alive while this handle (or a process in it) is.
+#[derive(Debug, Clone)]
+pub struct NetNamespace {
+    fd: Arc<OwnedFd>,
+}
+
+impl NetNamespace {
+    /// Makes the namespace. A short-lived thread moves itself into a new network namespace and
+    /// opens it; the namespace then lives on through the open descriptor, and no thread of the
+    /// worker stays in it.
+    pub fn create() -> io::Result<Self> {
+        let made = std::thread::spawn(|| -> io::Result<File> {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET)?;
+            File::open("/proc/thread-self/ns/net")
+        })
+        .join()
+        .map_err(|_| io::Error::other("the namespace thread panicked"))??;
+        Ok(Self {
+            fd: Arc::new(OwnedFd::from(made)),
+        })
+    }
+
+    /// The namespace's descriptor, for `setns`.
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
