@@ -429,6 +429,19 @@ pub fn hostile() -> Vec<Case> {
         case("writing in the working directory", "open('f.txt', 'w').write('x'); print(open('f.txt').read())", RunStatus::Success, |r| {
             assert_eq!(r.stdout, "x\n")
         }),
+        // Landlock: only the run's directory is writable, and only the runtime, the system's
+        // libraries and programs and a few files of /etc are readable, whatever the uid allows.
+        case("writing to /tmp", "open('/tmp/pyrunner-left-behind', 'w')", RunStatus::Error, denied),
+        case("writing to /var/tmp", "open('/var/tmp/pyrunner-left-behind', 'w')", RunStatus::Error, denied),
+        case("multiprocessing pools work (their semaphores live in /dev/shm)",
+            "import multiprocessing as m\nwith m.Pool(2) as p:\n    print(p.map(abs, [-1, -2]))",
+            RunStatus::Success, |r| assert_eq!(r.stdout, "[1, 2]\n")),
+        case("reading /etc/passwd", "open('/etc/passwd').read()", RunStatus::Error, denied),
+        case("listing /etc", "import os; os.listdir('/etc')", RunStatus::Error, denied),
+        case("reading a host file through a symlink", "import os; os.symlink('/etc/hostname', 'h'); open('h').read()", RunStatus::Error, denied),
+        case("writing /dev/null and reading the runtime still work",
+            "import os, sys\nopen(os.devnull, 'w').write('x')\nprint(os.path.isfile(sys.executable), len(os.urandom(4)))",
+            RunStatus::Success, |r| assert_eq!(r.stdout, "True 4\n")),
         case("setuid to root", "import os; os.setuid(0)", RunStatus::Error, denied),
         case("ptrace", syscall_errno!("101", ", 16, 1, 0, 0"), RunStatus::Success, |r| {
             assert_eq!(r.stdout, "-1 Operation not permitted\n")

@@ -156,22 +156,27 @@ async fn auto_falls_back_to_fresh_interpreters_without_a_zygote() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_in_place_of_the_report_pipe_gets_no_end_record() {
     let (executor, _root) = pyrunner_tests::executor(1);
-    // A place the run may write and the test may read after the run's directory is gone.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .unwrap();
-    let path = dir.path().join("mine.txt");
-    let code = format!(
-        "import os\nos.close(4)\nspare = open(os.devnull)\nf = open({:?}, 'w')\nprint(f.fileno())\nf.write('mine')\nf.flush()",
-        path.display().to_string()
-    );
-    let r = executor.run(&job(&code, None, limits(None, None))).await;
+    // The run's file lives in its own directory (the only place it may write), which goes with
+    // the run: a grandchild in a session of its own, which outlives the run's process, reads
+    // it back once that process has ended (and would have written its record).
+    let code = "import os, time\n\
+                os.close(4)\n\
+                spare = open(os.devnull)\n\
+                f = open('mine.txt', 'w')\n\
+                print(f.fileno(), flush=True)\n\
+                f.write('mine')\n\
+                f.flush()\n\
+                if os.fork() == 0:\n\
+                \x20   os.setsid()\n\
+                \x20   time.sleep(0.05)\n\
+                \x20   print(repr(open('mine.txt').read()), flush=True)\n\
+                \x20   os._exit(0)";
+    let r = executor.run(&job(code, None, limits(None, None))).await;
     assert_eq!(r.status, RunStatus::Success, "{r:#?}");
-    assert_eq!(r.stdout, "4\n", "the file did not take descriptor 4");
-    assert_eq!(std::fs::read_to_string(&path).unwrap(), "mine");
+    assert_eq!(
+        r.stdout, "4\n'mine'\n",
+        "the file did not take descriptor 4, or got a record"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

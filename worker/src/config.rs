@@ -125,7 +125,7 @@ impl ExecutorArgs {
             max_open_files: self.max_open_files,
             max_processes: self.max_processes,
         };
-        let sandbox = Sandbox::new(settings.clone())?;
+        let sandbox = Sandbox::new(settings.clone(), runtime.dir())?;
         let slot_count = match self.executor {
             ExecutorKind::Fresh => self.concurrency(),
             ExecutorKind::Auto | ExecutorKind::Zygote => self
@@ -167,6 +167,7 @@ impl ExecutorArgs {
                         },
                         recycle_after_runs: self.zygote_max_runs.max(1),
                         recycle_after: Duration::from_secs(self.zygote_max_age_secs.max(1)),
+                        landlock: sandbox.landlock().cloned(),
                     },
                     settings,
                     runtime.clone(),

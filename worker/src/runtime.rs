@@ -59,6 +59,11 @@ impl PythonRuntime {
     }
 
     /// The interpreter of the virtual environment.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The venv interpreter runs start.
     pub fn python(&self) -> PathBuf {
         self.dir.join("venv/bin/python3")
     }

@@ -21,7 +21,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
 use crate::runtime::PythonRuntime;
-use crate::sandbox::{rlimits, sys, SandboxSettings};
+use crate::sandbox::landlock::LandlockPolicy;
+use crate::sandbox::{rlimits, sys, SandboxError, SandboxSettings};
 use crate::slots::Slot;
 use crate::workdir::{make_workdir, WorkdirError};
 use crate::zygote::protocol::{SpawnSpec, ENTRY_FAILED, READY};
@@ -42,6 +43,8 @@ pub struct WarmPoolSettings {
     pub recycle_after_runs: u64,
     /// ...or after serving this long, whichever comes first.
     pub recycle_after: Duration,
+    /// The Landlock policy of runs, where the kernel has Landlock.
+    pub landlock: Option<LandlockPolicy>,
 }
 
 /// A warm child could not be had.
@@ -57,6 +60,8 @@ pub enum WarmError {
     Workdir(#[from] WorkdirError),
     #[error("the warm child did not get ready: {0}")]
     NotReady(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
 }
 
 struct ZygoteSlot {
@@ -185,9 +190,18 @@ impl WarmPool {
             cgroup_procs: slot.cgroups().map(|c| c.procs_paths()).unwrap_or_default(),
             workdir: workdir.path().to_path_buf(),
             rlimits: rlimits::for_pool(&self.inner.sandbox),
+            landlock: false,
+        };
+        let ruleset = match &self.inner.settings.landlock {
+            Some(policy) => policy.ruleset(workdir.path()).map_err(SandboxError::from)?,
+            None => None,
         };
         let handle = zygote
-            .spawn(spec, [stdin_r, stdout_w, stderr_w, code_r, report_w])
+            .spawn(
+                spec,
+                [stdin_r, stdout_w, stderr_w, code_r, report_w],
+                ruleset,
+            )
             .await?;
         let report = pipe::Receiver::from_owned_fd(report_r).map_err(WarmError::Pipe)?;
         Ok(WarmChild {

@@ -28,6 +28,7 @@ impl Executor {
             .cgroups()
             .map(|c| c.prepare(job.limits.memory_bytes()))
             .transpose()?;
+        let ruleset = self.sandbox.landlock_ruleset(workdir.path())?;
         let mut command = self.command(workdir.path(), job.stdin.is_some());
         let setup = setup_started.elapsed();
         let started = Instant::now();
@@ -39,6 +40,7 @@ impl Executor {
                 slot.cgroups(),
                 code_read,
                 report_write,
+                ruleset,
             )
         })
         .map_err(|source| ExecError::Spawn {

@@ -42,6 +42,8 @@ pub enum ExecError {
     Spawn { python: PathBuf, source: io::Error },
     #[error(transparent)]
     Cgroup(#[from] crate::sandbox::cgroup::CgroupError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("cannot wait for process {pid}: {source}")]
     Wait { pid: i32, source: io::Error },
     #[error(transparent)]

@@ -17,6 +17,8 @@ use seccompiler::BpfProgram;
 pub const CODE_FD: RawFd = 3;
 /// The descriptor the harness writes its exception report to.
 pub const REPORT_FD: RawFd = 4;
+/// The descriptor a Landlock ruleset is installed as, until the process enforces it.
+pub const LANDLOCK_FD: RawFd = 5;
 /// Most descriptors an [`EntryPlan`] installs.
 const MAX_FDS: usize = 8;
 
@@ -52,6 +54,9 @@ pub struct EntryPlan {
     pub cgroup_procs: Vec<std::ffi::CString>,
     /// A network namespace to join, right after the cgroups (it needs `CAP_SYS_ADMIN`).
     pub netns: Option<RawFd>,
+    /// Whether `fds` installs a Landlock ruleset as [`LANDLOCK_FD`], to enforce (and close)
+    /// after `no_new_privs`.
+    pub landlock: bool,
     /// Seccomp filters, installed last.
     pub filters: Arc<Vec<BpfProgram>>,
 }
@@ -179,6 +184,14 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
             check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0).into())?;
         }
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())?;
+        if plan.landlock {
+            check(libc::syscall(
+                libc::SYS_landlock_restrict_self,
+                LANDLOCK_FD,
+                0 as libc::c_uint,
+            ))?;
+            libc::close(LANDLOCK_FD);
+        }
     }
     for filter in plan.filters.iter() {
         seccompiler::apply_filter(filter).map_err(|e| match e {

@@ -274,12 +274,15 @@ impl Zygote {
     }
 
     /// Asks for a warm child; `fds` are the child's ends of its stdin, stdout, stderr, code and
-    /// report pipes, which the zygote's child installs as its descriptors 0 to 4.
+    /// report pipes, which the zygote's child installs as its descriptors 0 to 4, and `ruleset`
+    /// its Landlock ruleset, if any.
     pub async fn spawn(
         &self,
         mut spec: SpawnSpec,
         fds: [OwnedFd; SPAWN_FDS],
+        ruleset: Option<OwnedFd>,
     ) -> Result<ChildHandle, ZygoteError> {
+        spec.landlock = ruleset.is_some();
         spec.token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.shared
@@ -292,7 +295,11 @@ impl Zygote {
             return Err(ZygoteError::Gone);
         }
         self.spawned.fetch_add(1, Ordering::Relaxed);
-        let raw = fds.each_ref().map(|fd| fd.as_raw_fd());
+        let raw: Vec<_> = fds
+            .iter()
+            .chain(&ruleset)
+            .map(|fd| fd.as_raw_fd())
+            .collect();
         if let Err(error) = self.send(&Request::Spawn(spec.clone()), &raw).await {
             self.forget(spec.token);
             return Err(error);

@@ -47,6 +47,9 @@ pub struct SpawnSpec {
     pub workdir: PathBuf,
     /// Resource limits of the pool, as `(resource, soft, hard)`.
     pub rlimits: Vec<(u32, u64, u64)>,
+    /// Whether a Landlock ruleset comes after the pipes, to install as descriptor 5 and enforce.
+    #[serde(default)]
+    pub landlock: bool,
 }
 
 /// A message from the zygote to the worker.
@@ -189,8 +192,9 @@ pub fn receive<T: for<'de> Deserialize<'de>>(
     socket: impl AsFd,
 ) -> Result<Option<(T, Vec<OwnedFd>)>, ProtocolError> {
     let mut buffer = vec![0u8; MAX_MESSAGE];
-    let received = crate::sandbox::sys::receive_with_fds(socket.as_fd(), &mut buffer, SPAWN_FDS)
-        .map_err(ProtocolError::Receive)?;
+    let received =
+        crate::sandbox::sys::receive_with_fds(socket.as_fd(), &mut buffer, SPAWN_FDS + 1)
+            .map_err(ProtocolError::Receive)?;
     if received.len == 0 && received.fds.is_empty() {
         return Ok(None);
     }
@@ -223,6 +227,7 @@ mod tests {
             cgroup_procs: vec!["/sys/fs/cgroup/pids/x/cgroup.procs".into()],
             workdir: "/tmp/run-1".into(),
             rlimits: vec![(7, 256, 256)],
+            landlock: false,
         });
         send(&a, &request, &[r.as_raw_fd(), w.as_raw_fd()]).unwrap();
         let (got, fds): (Request, _) = receive(&b).unwrap().unwrap();

@@ -32,12 +32,14 @@ fn serve(
     fds: Vec<OwnedFd>,
     zygote: i32,
 ) -> Result<i32, String> {
-    if fds.len() != pyrunner_worker::zygote::protocol::SPAWN_FDS {
+    if fds.len() != pyrunner_worker::zygote::protocol::SPAWN_FDS + usize::from(spec.landlock) {
         return Err(format!("{} descriptors came with the request", fds.len()));
     }
     let plan = EntryPlan {
         // The zygote already is in the runs' network namespace.
         netns: None,
+        // Descriptor 5, the ruleset the worker made for this child's working directory.
+        landlock: spec.landlock,
         entry: Entry::Forked { parent: zygote },
         rlimits: spec
             .rlimits
