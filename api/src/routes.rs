@@ -7,6 +7,7 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use pyrunner_shared::isolation;
 use pyrunner_shared::limits::LimitError;
 use pyrunner_shared::{Job, JobId, RunRequest};
 use serde_json::json;
@@ -21,6 +22,7 @@ pub fn app(state: AppState) -> Router {
         .route("/", get(service_info))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/isolation", get(isolation))
         .route("/run", post(run_code))
         .route("/jobs", post(submit_job))
         .route("/jobs/{id}", get(get_job))
@@ -133,9 +135,24 @@ async fn service_info(State(state): State<AppState>) -> Json<serde_json::Value> 
         "python": runtime.as_ref().map(|r| r.python.clone()),
         "executor": runtime.as_ref().map(|r| r.executor.clone()),
         "preloaded": runtime.as_ref().map(|r| r.preloaded.clone()),
-        "packages": runtime.map(|r| r.packages),
-        "isolation": backend.isolation(),
+        "packages": runtime.as_ref().map(|r| r.packages.clone()),
+        "isolation": runtime.as_ref().map(|r| isolation::active_layers(&r.isolation)),
     }))
+}
+
+/// `GET /isolation`: every isolation layer the service knows, each with whether runs get it and
+/// the specifics (or why not), and the names of the active ones.
+async fn isolation(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.backend().isolation().await {
+        Some(layers) => Ok(Json(json!({
+            "active": isolation::active_layers(&layers),
+            "layers": layers,
+        }))),
+        None => Err(ApiError::unavailable(
+            "no worker has reported its isolation layers yet",
+            "no runtime information in the store",
+        )),
+    }
 }
 
 async fn route_not_found(uri: Uri) -> ApiError {

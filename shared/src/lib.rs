@@ -6,8 +6,10 @@
 //! - [`store`]: where job state and results live (Redis, or memory in embedded mode).
 //! - [`queue`]: the RabbitMQ contract (queue name, message format, publisher).
 //! - [`runtime`]: what the Python runtime of a worker offers.
+//! - [`isolation`]: the isolation layers, and the report of which ones runs get.
 //! - [`service`]: logging and the shutdown signal of both binaries.
 
+pub mod isolation;
 pub mod job;
 pub mod limits;
 pub mod outcome;

@@ -68,6 +68,9 @@ pub struct RunResult {
     pub duration_ms: u64,
     pub cpu_ms: u64,
     pub peak_memory_kb: u64,
+    /// The isolation layers the run went through (none for an `internal_error`).
+    #[serde(default)]
+    pub layers: Vec<String>,
 }
 
 impl RunResult {
@@ -87,6 +90,7 @@ impl RunResult {
             duration_ms: 0,
             cpu_ms: 0,
             peak_memory_kb: 0,
+            layers: Vec::new(),
         }
     }
 }

@@ -14,6 +14,9 @@ pub struct RuntimeInfo {
     /// Modules already imported when a run starts: importing them costs nothing.
     #[serde(default)]
     pub preloaded: Vec<String>,
+    /// Every isolation layer, and whether runs get it.
+    #[serde(default)]
+    pub isolation: crate::isolation::IsolationReport,
 }
 
 /// One installed distribution.

@@ -384,3 +384,36 @@ async fn info_health_and_readiness() {
     assert_eq!(ready.status, 200);
     assert_eq!(ready.body["status"], "ready");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolation_reports_every_layer_and_each_result_names_its_own() {
+    let api = EmbeddedApi::start(&[]).await;
+    let report = get(&format!("{}/isolation", api.url)).await;
+    assert_eq!(report.status, 200);
+    let layers = report.body["layers"].as_object().unwrap();
+    // Every layer the service knows is there, built or not, each with a reason.
+    for (name, _) in pyrunner_shared::isolation::LAYERS {
+        let layer = &layers[*name];
+        assert!(layer["active"].is_boolean(), "{name}: {layer}");
+        assert!(!layer["detail"].as_str().unwrap().is_empty(), "{name}");
+    }
+    assert_eq!(layers["pid_namespace"]["active"], false);
+    // The tests run as root on a kernel with Landlock: the full set of built layers is active.
+    for name in [
+        "seccomp",
+        "landlock",
+        "network_namespace",
+        "uid_per_slot",
+        "cgroup_memory",
+        "cgroup_pids",
+        "not_dumpable",
+        "rlimits",
+        "no_new_privs",
+    ] {
+        assert_eq!(layers[name]["active"], true, "{name}: {}", layers[name]);
+    }
+    let result = run(&api.url, &json!({ "code": "pass" })).await;
+    assert_eq!(json!(result.layers), report.body["active"]);
+    let info = get(&format!("{}/", api.url)).await;
+    assert_eq!(info.body["isolation"], report.body["active"]);
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use pyrunner_shared::RunStatus;
 use pyrunner_tests::catalogue::{run_all, statuses};
 use pyrunner_tests::{executor, executor_args, job, limits};
-use pyrunner_worker::config::ExecutorKind;
+use pyrunner_worker::config::{ExecutorArgs, ExecutorKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_case_ends_with_its_documented_status() {
@@ -14,6 +14,32 @@ async fn every_case_ends_with_its_documented_status() {
     assert_eq!(executor.kind(), "zygote");
     let failures = run_all(&executor, statuses()).await;
     assert!(failures.is_empty(), "failed cases: {failures:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_required_layer_that_runs_would_lack_stops_the_start() {
+    let mut args = executor_args(1);
+    args.require_layers = vec!["seccomp".into(), "pid_namespace".into()];
+    let error = args.start().await.err().expect("the start is refused");
+    let message = error.to_string();
+    assert!(
+        message.contains("pid_namespace (not in this version)"),
+        "{message}"
+    );
+    assert!(!message.contains("seccomp"), "{message}");
+    // Names are checked when the configuration is read.
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        executor: ExecutorArgs,
+    }
+    let error = <Flags as clap::Parser>::try_parse_from(["w", "--require-layers", "seccomp,moat"])
+        .err()
+        .expect("an unknown layer is refused");
+    assert!(
+        error.to_string().contains("unknown layer \"moat\""),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,5 +192,15 @@ async fn readiness_follows_the_workers_and_a_sync_run_without_one_gets_504() {
     // The workers report how they run code: warm children of a zygote with the preload set.
     assert_eq!(info.body["executor"], "zygote", "{info:?}");
     assert_eq!(info.body["preloaded"][2], "sympy", "{info:?}");
+    // And which isolation layers their runs get, which each result names too.
+    let report = get(&format!("{}/isolation", fleet.url)).await;
+    assert_eq!(report.status, 200, "{report:?}");
+    assert_eq!(
+        report.body["layers"]["landlock"]["active"], true,
+        "{report:?}"
+    );
+    assert_eq!(report.body["layers"]["pid_namespace"]["active"], false);
+    let result = run(&fleet.url, &json!({ "code": "pass" })).await;
+    assert_eq!(json!(result.layers), report.body["active"]);
     fleet.stop().await;
 }

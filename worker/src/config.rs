@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser};
+use pyrunner_shared::isolation;
 use thiserror::Error;
 
 use crate::executor::Executor;
@@ -78,6 +79,32 @@ pub struct ExecutorArgs {
     /// A zygote is replaced after this many seconds.
     #[arg(long, env = "PYRUNNER_ZYGOTE_MAX_AGE_SECS", default_value_t = 600)]
     pub zygote_max_age_secs: u64,
+    /// Isolation layers runs must get: without any of them the worker (or the embedded api)
+    /// refuses to start (comma-separated; `GET /isolation` lists the names). The default holds
+    /// on any Linux host; a deployment adds what its hosts are set up for, such as
+    /// `landlock,network_namespace,uid_per_slot,cgroup_memory,cgroup_pids`.
+    #[arg(
+        long,
+        env = "PYRUNNER_REQUIRE_LAYERS",
+        value_delimiter = ',',
+        value_parser = parse_layer,
+        default_value = "rlimits,process_group,no_new_privs,seccomp,empty_env"
+    )]
+    pub require_layers: Vec<String>,
+}
+
+/// A known isolation layer name.
+fn parse_layer(name: &str) -> Result<String, String> {
+    let name = name.trim();
+    if isolation::is_layer(name) {
+        Ok(name.to_owned())
+    } else {
+        let known: Vec<_> = isolation::LAYERS.iter().map(|(n, _)| *n).collect();
+        Err(format!(
+            "unknown layer {name:?}; known: {}",
+            known.join(", ")
+        ))
+    }
 }
 
 /// How runs get their interpreter.
@@ -107,6 +134,8 @@ pub enum SetupError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("runs would lack required isolation layers (PYRUNNER_REQUIRE_LAYERS): {0}")]
+    Isolation(String),
 }
 
 impl ExecutorArgs {
@@ -192,6 +221,14 @@ impl ExecutorArgs {
     pub async fn start(&self) -> Result<(Executor, tempfile::TempDir), SetupError> {
         let (executor, root) = self.build()?;
         let executor = executor.start(self.executor == ExecutorKind::Auto).await?;
+        let missing = isolation::missing(&executor.isolation(), &self.require_layers);
+        if !missing.is_empty() {
+            let list: Vec<_> = missing
+                .iter()
+                .map(|(name, why)| format!("{name} ({why})"))
+                .collect();
+            return Err(SetupError::Isolation(list.join("; ")));
+        }
         Ok((executor, root))
     }
 

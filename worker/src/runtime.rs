@@ -115,6 +115,7 @@ impl PythonRuntime {
             serde_json::from_str(&result.stdout).map_err(|e| failed(e.to_string()))?;
         info.executor = executor.kind().to_owned();
         info.preloaded = executor.preloaded().to_vec();
+        info.isolation = executor.isolation();
         Ok(info)
     }
 

@@ -36,10 +36,6 @@ impl EmbeddedBackend {
         &self.runtime
     }
 
-    pub(super) fn layers(&self) -> Vec<&'static str> {
-        self.executor.layers()
-    }
-
     /// Queues a job; a task runs it once a slot is free and stores its result.
     pub(super) fn enqueue(&self, job: Job) {
         let (executor, store) = (self.executor.clone(), self.store.clone());

@@ -5,6 +5,7 @@ pub mod fleet;
 
 use std::time::Duration;
 
+use pyrunner_shared::isolation::IsolationReport;
 use pyrunner_shared::runtime::RuntimeInfo;
 use pyrunner_shared::store::{ResultStore, StoreError};
 use pyrunner_shared::{Job, JobId, JobView, RunResult};
@@ -98,11 +99,12 @@ impl Backend {
         }
     }
 
-    /// The isolation layers of the runs, when known to this process.
-    pub fn isolation(&self) -> Option<Vec<&'static str>> {
-        match self {
-            Backend::Fleet(_) => None,
-            Backend::Embedded(b) => Some(b.layers()),
-        }
+    /// Every isolation layer and whether runs get it, as the executor (embedded) or the last
+    /// worker to start (fleet) reported; `None` until a worker has.
+    pub async fn isolation(&self) -> Option<IsolationReport> {
+        self.runtime_info()
+            .await
+            .map(|r| r.isolation)
+            .filter(|report| !report.is_empty())
     }
 }

@@ -20,6 +20,8 @@ use pyrunner_shared::{Job, JobId, RunLimits, RunResult};
 use thiserror::Error;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use pyrunner_shared::isolation::{self, IsolationReport, LayerStatus};
+
 use crate::classify::{self, HarnessReport, Observation};
 use crate::runtime::PythonRuntime;
 use crate::sandbox::{rlimits, sys, Sandbox};
@@ -76,6 +78,8 @@ pub struct Executor {
     running: Arc<Semaphore>,
     mode: Mode,
     preloaded: Arc<Vec<String>>,
+    /// The names of the layers every run gets, for its result.
+    applied: Arc<Vec<String>>,
 }
 
 /// What was observed of a finished run, by either way of running it.
@@ -112,7 +116,14 @@ impl Executor {
             running: Arc::new(Semaphore::new(concurrency)),
             mode: Mode::Fresh,
             preloaded: Arc::new(Vec::new()),
+            applied: Arc::default(),
         }
+        .with_applied_layers()
+    }
+
+    fn with_applied_layers(mut self) -> Self {
+        self.applied = Arc::new(isolation::active_layers(&self.isolation()));
+        self
     }
 
     /// An executor taking each run's process from `pool`, with at most `concurrency` runs at
@@ -133,6 +144,7 @@ impl Executor {
             running: Arc::new(Semaphore::new(concurrency)),
             ..Self::fresh(sandbox, runtime, work_root, slots)
         }
+        .with_applied_layers()
     }
 
     /// Gets the executor ready to serve: a warm executor starts its zygote and forks a warm
@@ -151,7 +163,7 @@ impl Executor {
                      (slower, same sandbox)"
                 );
                 self.mode = Mode::Fresh;
-                return Ok(self);
+                return Ok(self.with_applied_layers());
             }
             Err(error) => return Err(error),
         };
@@ -195,19 +207,61 @@ impl Executor {
         &self.sandbox
     }
 
-    /// The protection layers every run gets.
-    pub fn layers(&self) -> Vec<&'static str> {
-        let mut layers = self.sandbox.layers();
-        if let Mode::Warm(_) = self.mode {
-            layers.push("not_dumpable");
+    /// The names of the isolation layers every run gets.
+    pub fn layers(&self) -> &[String] {
+        &self.applied
+    }
+
+    /// Every isolation layer the service knows, and whether (and how) runs get it.
+    pub fn isolation(&self) -> IsolationReport {
+        let not_built = || LayerStatus::inactive("not in this version");
+        let mut report: IsolationReport = self
+            .sandbox
+            .isolation()
+            .into_iter()
+            .map(|(name, status)| (name.to_owned(), status))
+            .collect();
+        let slots = self.slots.size();
+        let mut set = |name: &str, status: LayerStatus| {
+            report.insert(name.to_owned(), status);
+        };
+        set(
+            "not_dumpable",
+            match self.mode {
+                Mode::Warm(_) => LayerStatus::active("set in every warm child"),
+                Mode::Fresh => {
+                    LayerStatus::inactive("a fresh interpreter is dumpable again after exec")
+                }
+            },
+        );
+        set(
+            "uid_per_slot",
+            if self.slots.has_uids() {
+                LayerStatus::active(format!("{slots} slots, each with its own uid and gid"))
+            } else {
+                LayerStatus::inactive("the worker is not root: runs keep its uid")
+            },
+        );
+        let cgroups = if self.slots.has_cgroups() {
+            LayerStatus::active("cgroup v1, one per slot")
+        } else {
+            LayerStatus::inactive(
+                "no writable cgroup v1 memory and pids hierarchies, or the worker is not root",
+            )
+        };
+        set("cgroup_memory", cgroups.clone());
+        set("cgroup_pids", cgroups);
+        for name in [
+            "cgroup_cpu",
+            "user_namespace",
+            "mount_namespace",
+            "pid_namespace",
+            "ipc_namespace",
+            "uts_namespace",
+        ] {
+            set(name, not_built());
         }
-        if self.slots.has_uids() {
-            layers.push("uid_per_slot");
-        }
-        if self.slots.has_cgroups() {
-            layers.extend(["cgroup_memory", "cgroup_pids"]);
-        }
-        layers
+        report
     }
 
     /// The Python runtime runs use.
@@ -271,7 +325,7 @@ impl Executor {
             Mode::Warm(pool) => self.run_warm(pool, slot, job).await,
         };
         match outcome {
-            Ok(finished) => result(job, finished),
+            Ok(finished) => result(job, finished, &self.applied),
             Err(error) => {
                 tracing::error!(job = %job.id, %error, "run failed inside the service");
                 RunResult::internal_error(job.id, "the service could not run this job")
@@ -281,7 +335,7 @@ impl Executor {
 }
 
 /// The result of a finished run.
-fn result(job: &Job, f: Finished) -> RunResult {
+fn result(job: &Job, f: Finished, layers: &[String]) -> RunResult {
     let report = HarnessReport::parse(&f.report);
     let observation = Observation {
         exit: f.exit,
@@ -312,6 +366,7 @@ fn result(job: &Job, f: Finished) -> RunResult {
         duration_ms: f.duration.as_millis() as u64,
         cpu_ms: f.cpu_ms,
         peak_memory_kb: f.peak_memory_kb,
+        layers: layers.to_vec(),
     }
 }
 
@@ -377,7 +432,7 @@ mod tests {
             (sys::Exit::Code(0), false, false, RunStatus::Success),
         ];
         for (exit, cut, seen, status) in cases {
-            let r = result(&job, finished(exit, cut, seen));
+            let r = result(&job, finished(exit, cut, seen), &[]);
             assert_eq!(r.status, status, "{exit:?} cut={cut} seen={seen}");
             assert_eq!(r.stdout_truncated, cut);
         }

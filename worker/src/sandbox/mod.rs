@@ -17,6 +17,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Arc;
 
+use pyrunner_shared::isolation::LayerStatus;
 use pyrunner_shared::RunLimits;
 use seccompiler::BpfProgram;
 use thiserror::Error;
@@ -57,8 +58,8 @@ pub enum SandboxError {
 pub struct Sandbox {
     settings: SandboxSettings,
     filters: Arc<Vec<BpfProgram>>,
-    netns: Option<netns::NetNamespace>,
-    landlock: Option<landlock::LandlockPolicy>,
+    netns: Result<netns::NetNamespace, String>,
+    landlock: Result<landlock::LandlockPolicy, String>,
 }
 
 impl Sandbox {
@@ -73,7 +74,7 @@ impl Sandbox {
                     "no Landlock: runs reach the filesystem as far as their uid allows"
                 )
             })
-            .ok();
+            .map_err(|e| format!("cannot make a ruleset: {e}"));
         let netns = netns::NetNamespace::create()
             .inspect_err(|error| {
                 tracing::warn!(
@@ -82,7 +83,7 @@ impl Sandbox {
                      the network)"
                 )
             })
-            .ok();
+            .map_err(|e| format!("cannot make one (it needs CAP_SYS_ADMIN): {e}"));
         Ok(Self {
             filters: Arc::new(seccomp::compile(seccomp::POLICY)?),
             settings,
@@ -91,39 +92,78 @@ impl Sandbox {
         })
     }
 
-    /// The protection layers every run gets, for logs and reports.
-    pub fn layers(&self) -> Vec<&'static str> {
-        let mut layers = vec![
-            "rlimits",
-            "process_group",
-            "no_new_privs",
-            "seccomp",
-            "empty_env",
-        ];
-        if self.netns.is_some() {
-            layers.push("network_namespace");
-        }
-        if self.landlock.is_some() {
-            layers.push("landlock");
-        }
-        layers
+    /// The status of the layers this sandbox decides, whatever the executor.
+    pub fn isolation(&self) -> Vec<(&'static str, LayerStatus)> {
+        let s = &self.settings;
+        let status = |r: Result<&str, &String>| match r {
+            Ok(detail) => LayerStatus::active(detail),
+            Err(why) => LayerStatus::inactive(why.as_str()),
+        };
+        vec![
+            (
+                "rlimits",
+                LayerStatus::active(format!(
+                    "CPU seconds and address space per run; files up to {} MiB, {} descriptors, \
+                     {} processes, no core dumps",
+                    s.max_file_bytes >> 20,
+                    s.max_open_files,
+                    s.max_processes
+                )),
+            ),
+            (
+                "process_group",
+                LayerStatus::active("each run leads its own session, killed as a group"),
+            ),
+            (
+                "no_new_privs",
+                LayerStatus::active("set before the run's code"),
+            ),
+            (
+                "seccomp",
+                LayerStatus::active(format!(
+                    "deny list of {} entries, each with its reason; other architectures' and x32 \
+                     numbers kill",
+                    seccomp::POLICY.len()
+                )),
+            ),
+            (
+                "empty_env",
+                LayerStatus::active("PATH, HOME, TMPDIR, locale and library settings only"),
+            ),
+            (
+                "network_namespace",
+                status(
+                    self.netns
+                        .as_ref()
+                        .map(|_| "one empty namespace (a loopback that is down) for all runs"),
+                ),
+            ),
+            (
+                "landlock",
+                status(self.landlock.as_ref().map(|_| {
+                    "reads: the runtime, /usr, /lib, /bin, /proc, a few files of /etc and /dev; \
+                     writes: the run's directory, /dev/null, /dev/shm; abstract unix sockets \
+                     and signals scoped where the kernel can"
+                })),
+            ),
+        ]
     }
 
     /// The Landlock policy of runs, where the kernel has Landlock.
     pub fn landlock(&self) -> Option<&landlock::LandlockPolicy> {
-        self.landlock.as_ref()
+        self.landlock.as_ref().ok()
     }
 
     /// The runs' network namespace, where the host allowed one.
     pub fn netns(&self) -> Option<&netns::NetNamespace> {
-        self.netns.as_ref()
+        self.netns.as_ref().ok()
     }
 
     /// The Landlock ruleset of a run working in `workdir`, where the kernel has Landlock.
     pub fn landlock_ruleset(&self, workdir: &Path) -> Result<Option<OwnedFd>, SandboxError> {
         match &self.landlock {
-            Some(policy) => Ok(policy.ruleset(workdir)?),
-            None => Ok(None),
+            Ok(policy) => Ok(policy.ruleset(workdir)?),
+            Err(_) => Ok(None),
         }
     }
 
@@ -154,7 +194,7 @@ impl Sandbox {
             fds,
             landlock: ruleset.is_some(),
             cgroup_procs: cgroups.map(|c| c.procs_files()).unwrap_or_default(),
-            netns: self.netns.as_ref().map(netns::NetNamespace::fd),
+            netns: self.netns().map(netns::NetNamespace::fd),
             filters: Arc::clone(&self.filters),
         };
         sys::set_entry(command, plan);
