@@ -522,6 +522,49 @@ pub fn hostile() -> Vec<Case> {
             RunStatus::Success,
             |r| assert_eq!(r.stdout, "stopped True\n"),
         ),
+        case(
+            "the cloud metadata address and the loopback ports of the api, RabbitMQ and Redis",
+            "import socket\ndenied = 0\n\
+             for addr in [('169.254.169.254', 80), ('127.0.0.1', 8000), ('127.0.0.1', 5672), ('127.0.0.1', 6379)]:\n\
+             \x20   try:\n\
+             \x20       socket.create_connection(addr, timeout=1)\n\
+             \x20   except PermissionError:\n\
+             \x20       denied += 1\n\
+             print(denied)",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "4\n"),
+        ),
+        case(
+            "signalling the process that started the run",
+            "import os, signal; os.kill(os.getppid(), signal.SIGTERM)",
+            RunStatus::Error,
+            denied,
+        ),
+        case(
+            "kill(-1) reaches only the run's own processes",
+            "import os, signal, subprocess\np = subprocess.Popen(['sleep', '30'])\n\
+             os.kill(-1, signal.SIGKILL)\nprint(p.wait())",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "-9\n"),
+        ),
+        case("abort", "import os; os.abort()", RunStatus::Killed, |r| {
+            assert_eq!(r.signal, Some(6))
+        }),
+        Case {
+            timeout_ms: Some(1000),
+            ..case(
+                "endless reads of /dev/urandom",
+                "f = open('/dev/urandom', 'rb')\nwhile True: f.read(1 << 20)",
+                RunStatus::Timeout,
+                no_check,
+            )
+        },
+        case(
+            "a sparse file past the file size limit",
+            "f = open('sparse', 'wb'); f.seek(1 << 30); f.write(b'x'); f.flush()",
+            RunStatus::Error,
+            |r| assert!(exception(r) == "OSError", "{r:#?}"),
+        ),
     ]
 }
 

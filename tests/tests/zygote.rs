@@ -157,8 +157,9 @@ async fn auto_falls_back_to_fresh_interpreters_without_a_zygote() {
 async fn a_file_in_place_of_the_report_pipe_gets_no_end_record() {
     let (executor, _root) = pyrunner_tests::executor(1);
     // The run's file lives in its own directory (the only place it may write), which goes with
-    // the run: a grandchild in a session of its own, which outlives the run's process, reads
-    // it back once that process has ended (and would have written its record).
+    // the run: a grandchild in a session of its own (so that the kill of the run's process
+    // group spares it), reads it back once the run's process has ended (and would have
+    // written its record), which it sees when it is reparented.
     let code = "import os, time\n\
                 os.close(4)\n\
                 spare = open(os.devnull)\n\
@@ -166,11 +167,16 @@ async fn a_file_in_place_of_the_report_pipe_gets_no_end_record() {
                 print(f.fileno(), flush=True)\n\
                 f.write('mine')\n\
                 f.flush()\n\
+                parent = os.getpid()\n\
+                r, w = os.pipe()\n\
                 if os.fork() == 0:\n\
                 \x20   os.setsid()\n\
-                \x20   time.sleep(0.05)\n\
+                \x20   os.write(w, b'.')\n\
+                \x20   while os.getppid() == parent:\n\
+                \x20       time.sleep(0.002)\n\
                 \x20   print(repr(open('mine.txt').read()), flush=True)\n\
-                \x20   os._exit(0)";
+                \x20   os._exit(0)\n\
+                os.read(r, 1)";
     let r = executor.run(&job(code, None, limits(None, None))).await;
     assert_eq!(r.status, RunStatus::Success, "{r:#?}");
     assert_eq!(
