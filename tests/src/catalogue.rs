@@ -461,6 +461,26 @@ pub fn hostile() -> Vec<Case> {
         case("keyctl", syscall_errno!("250", ", 0, 0, 0"), RunStatus::Success, |r| {
             assert_eq!(r.stdout, "-1 Operation not permitted\n")
         }),
+        // The seccomp policy is an allowlist: what it does not name is refused, even calls the
+        // kernel does not have (EPERM, not ENOSYS).
+        case("a system call no kernel has yet", syscall_errno!("999", ""), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Operation not permitted\n")
+        }),
+        case("System V shared memory", syscall_errno!("29", ", 0, 4096, 0o1600"), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Operation not permitted\n")
+        }),
+        case("POSIX message queues", syscall_errno!("240", ", b'/q', 0o100, 0o600, 0"), RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "-1 Operation not permitted\n")
+        }),
+        case(
+            "a datagram to a host unix socket",
+            "import socket; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'x', '/dev/log')",
+            RunStatus::Error,
+            denied,
+        ),
+        case("a FIFO in the working directory", "import os; os.mkfifo('f'); print(os.path.exists('f'))", RunStatus::Success, |r| {
+            assert_eq!(r.stdout, "True\n")
+        }),
         case("io_uring_setup", syscall_errno!("425", ", 8, 0"), RunStatus::Success, |r| {
             assert_eq!(r.stdout, "-1 Function not implemented\n")
         }),

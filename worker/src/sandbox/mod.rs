@@ -121,9 +121,9 @@ impl Sandbox {
             (
                 "seccomp",
                 LayerStatus::active(format!(
-                    "deny list of {} entries, each with its reason; other architectures' and x32 \
-                     numbers kill",
-                    seccomp::POLICY.len()
+                    "allowlist of {} calls, each with its reason, default EPERM; clone3 and \
+                     io_uring ENOSYS; other architectures' and x32 numbers kill",
+                    seccomp::allowed_count(seccomp::POLICY)
                 )),
             ),
             (
