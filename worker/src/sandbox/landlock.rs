@@ -11,17 +11,19 @@
 //! unix sockets and signals to the run's own processes, and (ABI 4) denies TCP bind and
 //! connect.
 //!
-//! The worker builds one ruleset per run, outside the run (opening the allowed paths needs no
-//! privilege the run lacks, but is done before the run exists), and hands over its descriptor:
-//! the run's process enforces it with `landlock_restrict_self`, one system call, right after
-//! `no_new_privs` and before the seccomp filter.
+//! The worker builds one ruleset per run, because it names the run's own directory: the fixed
+//! paths are opened once at start and shared, so a ruleset costs one `open` and a few
+//! `landlock_add_rule` calls. The run's process gets its descriptor and enforces it with
+//! `landlock_restrict_self`, one system call, right after `no_new_privs` and before the seccomp
+//! filter.
 
-use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
 
 use landlock::{
-    path_beneath_rules, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, RulesetError, Scope, ABI,
+    path_beneath_rules, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible,
+    PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetError, Scope, ABI,
 };
 
 /// The newest Landlock ABI this policy knows; older kernels get what they support.
@@ -51,18 +53,49 @@ const SYSTEM_WRITE: &[&str] = &["/dev/null"];
 /// Directories every run may also write in.
 const SHARED_WRITE: &[&str] = &["/dev/shm"];
 
-/// Builds the rulesets of runs.
+/// Builds the rulesets of runs. The fixed paths are opened once (`O_PATH`) and shared by every
+/// ruleset; only the run's own directory is opened per run.
 #[derive(Debug, Clone)]
 pub struct LandlockPolicy {
-    /// Paths readable and executable besides [`SYSTEM_READ`]: the Python runtime.
-    read: Vec<PathBuf>,
+    fixed: Arc<Vec<(PathFd, BitFlags<AccessFs>)>>,
 }
 
 impl LandlockPolicy {
     /// The policy for runs of the runtime at `runtime_root`, if this kernel has Landlock at all.
+    /// Paths that do not exist on this host are left out.
     pub fn probe(runtime_root: &Path) -> Result<Self, RulesetError> {
+        let read = AccessFs::from_read(ABI_TARGET);
+        let all = AccessFs::from_all(ABI_TARGET);
+        let groups: [(Vec<&Path>, BitFlags<AccessFs>); 3] = [
+            (
+                SYSTEM_READ
+                    .iter()
+                    .map(Path::new)
+                    .chain([runtime_root])
+                    .collect(),
+                read,
+            ),
+            (
+                SYSTEM_WRITE.iter().map(Path::new).collect(),
+                read | AccessFs::WriteFile,
+            ),
+            (SHARED_WRITE.iter().map(Path::new).collect(), all),
+        ];
+        let mut fixed = Vec::new();
+        for (paths, access) in groups {
+            for path in paths {
+                let Ok(fd) = PathFd::new(path) else { continue };
+                // A rule on a file may only hold the rights that apply to files.
+                let access = if std::fs::metadata(path).is_ok_and(|m| !m.is_dir()) {
+                    access & AccessFs::from_file(ABI_TARGET)
+                } else {
+                    access
+                };
+                fixed.push((fd, access));
+            }
+        }
         let policy = Self {
-            read: vec![runtime_root.to_path_buf()],
+            fixed: Arc::new(fixed),
         };
         // A ruleset that cannot be made here never will be: say so once, at start.
         policy.ruleset(runtime_root)?;
@@ -73,7 +106,10 @@ impl LandlockPolicy {
     /// no Landlock (it cannot happen after a successful [`probe`](Self::probe) on the same
     /// host, but the kernel decides).
     pub fn ruleset(&self, workdir: &Path) -> Result<Option<OwnedFd>, RulesetError> {
-        let read = AccessFs::from_read(ABI_TARGET);
+        let fixed = self
+            .fixed
+            .iter()
+            .map(|(fd, access)| Ok::<_, RulesetError>(PathBeneath::new(fd.as_fd(), *access)));
         let created = Ruleset::default()
             // Hard: a ruleset that handles nothing would allow everything silently.
             .set_compatibility(CompatLevel::HardRequirement)
@@ -83,18 +119,7 @@ impl LandlockPolicy {
             .handle_access(AccessNet::from_all(ABI_TARGET))?
             .scope(Scope::from_all(ABI_TARGET))?
             .create()?
-            .add_rules(path_beneath_rules(
-                SYSTEM_READ
-                    .iter()
-                    .map(Path::new)
-                    .chain(self.read.iter().map(PathBuf::as_path)),
-                read,
-            ))?
-            .add_rules(path_beneath_rules(SYSTEM_WRITE, read | AccessFs::WriteFile))?
-            .add_rules(path_beneath_rules(
-                SHARED_WRITE,
-                AccessFs::from_all(ABI_TARGET),
-            ))?
+            .add_rules(fixed)?
             .add_rules(path_beneath_rules(
                 [workdir],
                 AccessFs::from_all(ABI_TARGET),
