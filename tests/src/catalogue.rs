@@ -407,6 +407,29 @@ pub fn hostile() -> Vec<Case> {
             |r| assert_eq!(r.stdout, "b'hi'\n"),
         ),
         case(
+            "the host name is the run's own, and so are its IPC objects",
+            "import os, socket; print(socket.gethostname(), os.readlink('/proc/self/ns/ipc'))",
+            RunStatus::Success,
+            |r| {
+                let host_ipc = std::fs::read_link("/proc/self/ns/ipc").unwrap();
+                let (name, ipc) = r.stdout.trim_end().split_once(' ').unwrap();
+                assert_eq!(name, "pyrunner");
+                assert_ne!(ipc, host_ipc.to_str().unwrap(), "the host's IPC namespace");
+            },
+        ),
+        case(
+            "renaming the host",
+            "import socket; socket.sethostname('mine')",
+            RunStatus::Error,
+            denied,
+        ),
+        case(
+            "a UTS namespace of the run's own (what a warm child's entry may make)",
+            syscall_errno!("272", ", 0x04000000"),
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "-1 Operation not permitted\n"),
+        ),
+        case(
             "the network namespace has no interface but a loopback, and no route",
             "lines = open('/proc/self/net/dev').read().splitlines()[2:]\n\
              print([l.split(':')[0].strip() for l in lines])\n\

@@ -407,6 +407,8 @@ async fn isolation_reports_every_layer_and_each_result_names_its_own() {
         "cgroup_memory",
         "cgroup_pids",
         "not_dumpable",
+        "uts_namespace",
+        "ipc_namespace",
         "rlimits",
         "no_new_privs",
     ] {

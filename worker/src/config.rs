@@ -197,6 +197,7 @@ impl ExecutorArgs {
                         recycle_after_runs: self.zygote_max_runs.max(1),
                         recycle_after: Duration::from_secs(self.zygote_max_age_secs.max(1)),
                         landlock: sandbox.landlock().cloned(),
+                        private_namespaces: sandbox.private_namespaces(),
                     },
                     settings,
                     runtime.clone(),

@@ -45,6 +45,8 @@ pub struct WarmPoolSettings {
     pub recycle_after: Duration,
     /// The Landlock policy of runs, where the kernel has Landlock.
     pub landlock: Option<LandlockPolicy>,
+    /// Whether each child makes private UTS and IPC namespaces.
+    pub private_namespaces: bool,
 }
 
 /// A warm child could not be had.
@@ -191,6 +193,7 @@ impl WarmPool {
             workdir: workdir.path().to_path_buf(),
             rlimits: rlimits::for_pool(&self.inner.sandbox),
             landlock: false,
+            private_namespaces: self.inner.settings.private_namespaces,
         };
         let ruleset = match &self.inner.settings.landlock {
             Some(policy) => policy.ruleset(workdir.path()).map_err(SandboxError::from)?,

@@ -256,8 +256,6 @@ impl Executor {
             "user_namespace",
             "mount_namespace",
             "pid_namespace",
-            "ipc_namespace",
-            "uts_namespace",
         ] {
             set(name, not_built());
         }

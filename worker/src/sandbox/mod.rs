@@ -1,8 +1,8 @@
 //! The sandbox a run's Python process starts in: its slot's cgroups, an empty network namespace,
-//! its own session and process group, resource limits, an unprivileged uid per run slot,
-//! `no_new_privs`, a Landlock ruleset and a seccomp filter.
+//! private UTS and IPC namespaces, its own session and process group, resource limits, an
+//! unprivileged uid per run slot, `no_new_privs`, a Landlock ruleset and a seccomp allowlist.
 //!
-//! Other namespaces are not applied yet; docs/SECURITY.md says what this leaves open.
+//! No PID, mount or user namespace yet; docs/SECURITY.md says what this leaves open.
 
 pub mod cgroup;
 pub mod landlock;
@@ -60,6 +60,8 @@ pub struct Sandbox {
     filters: Arc<Vec<BpfProgram>>,
     netns: Result<netns::NetNamespace, String>,
     landlock: Result<landlock::LandlockPolicy, String>,
+    /// Whether each run gets private UTS and IPC namespaces.
+    private_namespaces: Result<(), String>,
 }
 
 impl Sandbox {
@@ -84,11 +86,17 @@ impl Sandbox {
                 )
             })
             .map_err(|e| format!("cannot make one (it needs CAP_SYS_ADMIN): {e}"));
+        let private_namespaces = netns::can_make_private_namespaces()
+            .inspect_err(
+                |error| tracing::warn!(%error, "runs share the worker's UTS and IPC namespaces"),
+            )
+            .map_err(|e| format!("cannot make them (they need CAP_SYS_ADMIN): {e}"));
         Ok(Self {
             filters: Arc::new(seccomp::compile(seccomp::POLICY)?),
             settings,
             netns,
             landlock,
+            private_namespaces,
         })
     }
 
@@ -139,6 +147,20 @@ impl Sandbox {
                 ),
             ),
             (
+                "uts_namespace",
+                status(
+                    self.private_namespaces
+                        .as_ref()
+                        .map(|_| "one per run, host name \"pyrunner\""),
+                ),
+            ),
+            (
+                "ipc_namespace",
+                status(self.private_namespaces.as_ref().map(|_| {
+                    "one per run (System V IPC and message queues are refused by seccomp too)"
+                })),
+            ),
+            (
                 "landlock",
                 status(self.landlock.as_ref().map(|_| {
                     "reads: the runtime, /usr, /lib, /bin, /proc, a few files of /etc and /dev; \
@@ -152,6 +174,11 @@ impl Sandbox {
     /// The Landlock policy of runs, where the kernel has Landlock.
     pub fn landlock(&self) -> Option<&landlock::LandlockPolicy> {
         self.landlock.as_ref().ok()
+    }
+
+    /// Whether runs get private UTS and IPC namespaces.
+    pub fn private_namespaces(&self) -> bool {
+        self.private_namespaces.is_ok()
     }
 
     /// The runs' network namespace, where the host allowed one.
@@ -195,6 +222,7 @@ impl Sandbox {
             landlock: ruleset.is_some(),
             cgroup_procs: cgroups.map(|c| c.procs_files()).unwrap_or_default(),
             netns: self.netns().map(netns::NetNamespace::fd),
+            private_namespaces: self.private_namespaces(),
             filters: Arc::clone(&self.filters),
         };
         sys::set_entry(command, plan);

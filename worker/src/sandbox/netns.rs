@@ -17,6 +17,17 @@ use std::sync::Arc;
 
 use nix::sched::CloneFlags;
 
+/// Whether this process may make the private UTS and IPC namespaces of runs: a short-lived
+/// thread makes them for itself (namespaces belong to a thread until it forks).
+pub fn can_make_private_namespaces() -> io::Result<()> {
+    std::thread::spawn(|| {
+        nix::sched::unshare(CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC)
+            .map_err(io::Error::from)
+    })
+    .join()
+    .map_err(|_| io::Error::other("the probe thread panicked"))?
+}
+
 /// An empty network namespace, alive while this handle (or a process in it) is.
 #[derive(Debug, Clone)]
 pub struct NetNamespace {

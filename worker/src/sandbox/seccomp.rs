@@ -9,6 +9,9 @@
 //!   namespace flags, `sendto` without a destination address.
 //! - A few return `ENOSYS` instead of `EPERM`, so that libraries fall back to what is allowed:
 //!   `clone3` (glibc then uses `clone`, whose flags the filter can read) and `io_uring_*`.
+//! - The zygote's copy also allows [`ENTRY`] (`unshare` of a UTS and an IPC namespace,
+//!   `sethostname`), which a warm child needs to enter its sandbox; each child then adds
+//!   [`compile_entry_closed`], so a run's code never has them.
 //!
 //! The calls listed cover CPython, numpy, sympy, threads, subprocesses, `multiprocessing`, the
 //! dynamic loader of a fresh interpreter, a warm child's own entry into its sandbox (set*id,
@@ -36,6 +39,8 @@ pub enum Condition {
     NullPointer { arg: u8 },
     /// When argument `arg` has none of the bits of `mask` (namespace flags of `clone`).
     ArgLacksBits { arg: u8, mask: u64 },
+    /// When argument `arg` has no bit outside `allowed` (the namespaces `unshare` may make).
+    FlagsWithin { arg: u8, allowed: u64 },
 }
 
 /// A group of calls allowed for one reason.
@@ -365,6 +370,27 @@ pub const POLICY: &[Allowed] = &[
     },
 ];
 
+/// The namespaces a warm child makes for itself when it enters its sandbox.
+pub const PRIVATE_NAMESPACES: libc::c_int = libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+
+/// Allowed to the zygote and to its children until they have entered their sandbox: a warm child
+/// makes its own UTS and IPC namespaces and names its host, under the filter it inherited. Each
+/// child then adds [`compile_entry_closed`], which refuses these again, before any run's code.
+pub const ENTRY: &[Allowed] = &[
+    Allowed {
+        reason: "a warm child's own UTS and IPC namespaces, made as it enters its sandbox",
+        calls: &[("unshare", libc::SYS_unshare)],
+        when: Condition::FlagsWithin {
+            arg: 0,
+            allowed: PRIVATE_NAMESPACES as u64,
+        },
+    },
+    always(
+        "a warm child names the host of its UTS namespace",
+        &[("sethostname", libc::SYS_sethostname)],
+    ),
+];
+
 /// Calls that return `ENOSYS`, so that libraries fall back to calls the policy allows.
 pub const ENOSYS: &[(&str, c_long, &str)] = &[
     (
@@ -581,6 +607,31 @@ pub fn compile(policy: &[Allowed]) -> Result<Vec<BpfProgram>, SeccompError> {
     compile_with_default(policy, SeccompAction::Errno(libc::EPERM as u32))
 }
 
+/// The zygote's programs: the policy with [`ENTRY`] added.
+pub fn compile_for_zygote() -> Result<Vec<BpfProgram>, SeccompError> {
+    let policy: Vec<Allowed> = POLICY.iter().chain(ENTRY).copied().collect();
+    compile(&policy)
+}
+
+/// The program a warm child adds once it has entered its sandbox: the calls of [`ENTRY`] fail
+/// with `EPERM` again, whatever their arguments.
+pub fn compile_entry_closed() -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = ENTRY
+        .iter()
+        .flat_map(|a| a.calls)
+        .map(|&(_, nr)| (nr, Vec::new()))
+        .collect();
+    let mut program: BpfProgram = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        TargetArch::x86_64,
+    )?
+    .try_into()?;
+    insert_x32_check(&mut program);
+    Ok(program)
+}
+
 fn compile_with_default(
     policy: &[Allowed],
     default: SeccompAction,
@@ -605,6 +656,14 @@ fn compile_with_default(
                         arg,
                         SeccompCmpArgLen::Qword,
                         SeccompCmpOp::Eq,
+                        0,
+                    )?])?)
+                }
+                Condition::FlagsWithin { arg, allowed } => {
+                    chain.push(SeccompRule::new(vec![SeccompCondition::new(
+                        arg,
+                        SeccompCmpArgLen::Qword,
+                        SeccompCmpOp::MaskedEq(!allowed),
                         0,
                     )?])?)
                 }
@@ -699,5 +758,7 @@ mod tests {
     #[test]
     fn the_policy_compiles() {
         assert_eq!(compile(POLICY).unwrap().len(), 2);
+        assert_eq!(compile_for_zygote().unwrap().len(), 2);
+        compile_entry_closed().unwrap();
     }
 }

@@ -17,6 +17,8 @@ use seccompiler::BpfProgram;
 pub const CODE_FD: RawFd = 3;
 /// The descriptor the harness writes its exception report to.
 pub const REPORT_FD: RawFd = 4;
+/// The host name of a run's UTS namespace.
+const HOSTNAME: &[u8] = b"pyrunner";
 /// The descriptor a Landlock ruleset is installed as, until the process enforces it.
 pub const LANDLOCK_FD: RawFd = 5;
 /// Most descriptors an [`EntryPlan`] installs.
@@ -54,6 +56,9 @@ pub struct EntryPlan {
     pub cgroup_procs: Vec<std::ffi::CString>,
     /// A network namespace to join, right after the cgroups (it needs `CAP_SYS_ADMIN`).
     pub netns: Option<RawFd>,
+    /// Whether to make private UTS and IPC namespaces (named `pyrunner`), after the network
+    /// namespace (it needs `CAP_SYS_ADMIN`).
+    pub private_namespaces: bool,
     /// Whether `fds` installs a Landlock ruleset as [`LANDLOCK_FD`], to enforce (and close)
     /// after `no_new_privs`.
     pub landlock: bool,
@@ -128,6 +133,10 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
         }
         if let Some(netns) = plan.netns {
             check(libc::setns(netns, libc::CLONE_NEWNET).into())?;
+        }
+        if plan.private_namespaces {
+            check(libc::unshare(libc::CLONE_NEWUTS | libc::CLONE_NEWIPC).into())?;
+            check(libc::sethostname(HOSTNAME.as_ptr().cast(), HOSTNAME.len()).into())?;
         }
         // Install the descriptors through copies above every target, so that no dup2 can
         // clobber another's source. dup2 clears FD_CLOEXEC on the copy.

@@ -50,6 +50,9 @@ pub struct SpawnSpec {
     /// Whether a Landlock ruleset comes after the pipes, to install as descriptor 5 and enforce.
     #[serde(default)]
     pub landlock: bool,
+    /// Whether the child makes private UTS and IPC namespaces.
+    #[serde(default)]
+    pub private_namespaces: bool,
 }
 
 /// A message from the zygote to the worker.
@@ -228,6 +231,7 @@ mod tests {
             workdir: "/tmp/run-1".into(),
             rlimits: vec![(7, 256, 256)],
             landlock: false,
+            private_namespaces: true,
         });
         send(&a, &request, &[r.as_raw_fd(), w.as_raw_fd()]).unwrap();
         let (got, fds): (Request, _) = receive(&b).unwrap().unwrap();

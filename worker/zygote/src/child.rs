@@ -11,12 +11,19 @@ use std::sync::Arc;
 use nix::sys::resource::{setrlimit, Resource};
 use pyrunner_worker::sandbox::sys::{Entry, EntryPlan};
 use pyrunner_worker::zygote::protocol::{JobHeader, SpawnSpec, ENTRY_FAILED};
+use seccompiler::BpfProgram;
 
 use crate::ffi::{self, Interpreter};
 
 /// Runs the child's life and ends the process; never returns.
-pub fn run(interpreter: &Interpreter, spec: &SpawnSpec, fds: Vec<OwnedFd>, zygote: i32) -> ! {
-    let code = match serve(interpreter, spec, fds, zygote) {
+pub fn run(
+    interpreter: &Interpreter,
+    spec: &SpawnSpec,
+    fds: Vec<OwnedFd>,
+    zygote: i32,
+    entry_closed: &Arc<Vec<BpfProgram>>,
+) -> ! {
+    let code = match serve(interpreter, spec, fds, zygote, entry_closed) {
         Ok(code) => code,
         Err(error) => {
             let _ = writeln!(io::stderr(), "pyrunner-zygote: warm child failed: {error}");
@@ -31,6 +38,7 @@ fn serve(
     spec: &SpawnSpec,
     fds: Vec<OwnedFd>,
     zygote: i32,
+    entry_closed: &Arc<Vec<BpfProgram>>,
 ) -> Result<i32, String> {
     if fds.len() != pyrunner_worker::zygote::protocol::SPAWN_FDS + usize::from(spec.landlock) {
         return Err(format!("{} descriptors came with the request", fds.len()));
@@ -38,6 +46,7 @@ fn serve(
     let plan = EntryPlan {
         // The zygote already is in the runs' network namespace.
         netns: None,
+        private_namespaces: spec.private_namespaces,
         // Descriptor 5, the ruleset the worker made for this child's working directory.
         landlock: spec.landlock,
         entry: Entry::Forked { parent: zygote },
@@ -57,8 +66,9 @@ fn serve(
             .iter()
             .map(|p| CString::new(p.as_os_str().as_bytes()).map_err(|e| e.to_string()))
             .collect::<Result<_, _>>()?,
-        // The zygote's own filter, installed once before it forked, is inherited.
-        filters: Arc::new(Vec::new()),
+        // The zygote's own filter, installed once before it forked, is inherited; this adds
+        // the small program that refuses what only the entry needed.
+        filters: Arc::clone(entry_closed),
     };
     ffi::enter_sandbox(&plan).map_err(|e| format!("cannot enter the sandbox: {e}"))?;
     // The received descriptors now live on as 0 to 4 and the originals were closed with the

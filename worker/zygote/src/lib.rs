@@ -19,11 +19,13 @@ pub mod server;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
 use pyrunner_worker::sandbox::seccomp;
 use pyrunner_worker::zygote::protocol::{self, Event};
+use seccompiler::BpfProgram;
 
 /// Command line of the zygote, given by its worker.
 #[derive(Debug, Clone, Parser)]
@@ -46,19 +48,19 @@ pub fn run(args: &Args) -> ExitCode {
     let started = Instant::now();
     let control = ffi::control_socket();
     let ready = prepare(args, started);
-    let interpreter = match ready {
-        Ok((interpreter, event)) => {
+    let (interpreter, entry_closed) = match ready {
+        Ok((interpreter, entry_closed, event)) => {
             if protocol::send(&control, &event, &[]).is_err() {
                 return ExitCode::FAILURE;
             }
-            interpreter
+            (interpreter, entry_closed)
         }
         Err(error) => {
             let _ = protocol::send(&control, &Event::Failed { error }, &[]);
             return ExitCode::FAILURE;
         }
     };
-    match server::serve(&interpreter, control) {
+    match server::serve(&interpreter, &entry_closed, control) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("pyrunner-zygote: {error}");
@@ -67,7 +69,10 @@ pub fn run(args: &Args) -> ExitCode {
     }
 }
 
-fn prepare(args: &Args, started: Instant) -> Result<(ffi::Interpreter, Event), String> {
+/// The interpreter, the filter each child adds once in its sandbox, and the ready message.
+type Prepared = (ffi::Interpreter, Arc<Vec<BpfProgram>>, Event);
+
+fn prepare(args: &Args, started: Instant) -> Result<Prepared, String> {
     // Terminal signals meant for the worker's group are not for the zygote; it ends when its
     // socket closes.
     let _ = nix::unistd::setsid();
@@ -99,8 +104,11 @@ fn prepare(args: &Args, started: Instant) -> Result<(ffi::Interpreter, Event), S
     }
     // The runs' seccomp filter, on the zygote itself: every child inherits it through the fork
     // (installing it per child would compile it to BPF each time), and the zygote, which needs
-    // none of the calls it denies, is held to it too.
-    let filters = seccomp::compile(seccomp::POLICY).map_err(|e| e.to_string())?;
+    // none of the calls it denies, is held to it too. It allows what a child needs to enter its
+    // sandbox (its UTS and IPC namespaces); each child then adds the small program that closes
+    // those calls, compiled here once.
+    let entry_closed = seccomp::compile_entry_closed().map_err(|e| e.to_string())?;
+    let filters = seccomp::compile_for_zygote().map_err(|e| e.to_string())?;
     for filter in &filters {
         seccompiler::apply_filter(filter)
             .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
@@ -112,5 +120,5 @@ fn prepare(args: &Args, started: Instant) -> Result<(ffi::Interpreter, Event), S
         huge_pages_mib,
         arena_mib,
     };
-    Ok((loaded.interpreter, event))
+    Ok((loaded.interpreter, Arc::new(vec![entry_closed]), event))
 }

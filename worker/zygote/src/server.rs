@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -11,6 +12,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use pyrunner_worker::sandbox::sys;
 use pyrunner_worker::zygote::protocol::{self, Event, ProtocolError, Request};
+use seccompiler::BpfProgram;
 use thiserror::Error;
 
 use crate::child;
@@ -28,7 +30,12 @@ pub enum ServerError {
 }
 
 /// Serves the worker on `control` until it closes the socket, then kills and reaps every child.
-pub fn serve(interpreter: &Interpreter, control: OwnedFd) -> Result<(), ServerError> {
+/// Each child adds `entry_closed` to its inherited seccomp filter once it is in its sandbox.
+pub fn serve(
+    interpreter: &Interpreter,
+    entry_closed: &Arc<Vec<BpfProgram>>,
+    control: OwnedFd,
+) -> Result<(), ServerError> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     mask.thread_block().map_err(ServerError::Signals)?;
@@ -60,7 +67,9 @@ pub fn serve(interpreter: &Interpreter, control: OwnedFd) -> Result<(), ServerEr
             Ok(Some((Request::Spawn(spec), fds))) => {
                 let token = spec.token;
                 match ffi::fork() {
-                    Ok(ffi::Forked::Child) => child::run(interpreter, &spec, fds, zygote),
+                    Ok(ffi::Forked::Child) => {
+                        child::run(interpreter, &spec, fds, zygote, entry_closed)
+                    }
                     Ok(ffi::Forked::Parent(pid)) => {
                         drop(fds);
                         children.insert(pid, token);
