@@ -6,7 +6,7 @@
 
 pub mod cgroup;
 pub mod landlock;
-pub mod netns;
+pub mod namespaces;
 pub mod rlimits;
 pub mod seccomp;
 pub mod sys;
@@ -58,7 +58,7 @@ pub enum SandboxError {
 pub struct Sandbox {
     settings: SandboxSettings,
     filters: Arc<Vec<BpfProgram>>,
-    netns: Result<netns::NetNamespace, String>,
+    netns: Result<namespaces::NetNamespace, String>,
     landlock: Result<landlock::LandlockPolicy, String>,
     /// Whether each run gets private UTS and IPC namespaces.
     private_namespaces: Result<(), String>,
@@ -67,7 +67,7 @@ pub struct Sandbox {
 impl Sandbox {
     /// Compiles the seccomp policy, makes the runs' network namespace and checks that Landlock
     /// rulesets can be made for runs of the runtime in `runtime_dir` (each where the host
-    /// allows it; see [`netns`] and [`landlock`]).
+    /// allows it; see [`namespaces`] and [`landlock`]).
     pub fn new(settings: SandboxSettings, runtime_dir: &Path) -> Result<Self, SandboxError> {
         let landlock = landlock::LandlockPolicy::probe(runtime_dir)
             .inspect_err(|error| {
@@ -77,7 +77,7 @@ impl Sandbox {
                 )
             })
             .map_err(|e| format!("cannot make a ruleset: {e}"));
-        let netns = netns::NetNamespace::create()
+        let netns = namespaces::NetNamespace::create()
             .inspect_err(|error| {
                 tracing::warn!(
                     %error,
@@ -86,7 +86,7 @@ impl Sandbox {
                 )
             })
             .map_err(|e| format!("cannot make one (it needs CAP_SYS_ADMIN): {e}"));
-        let private_namespaces = netns::can_make_private_namespaces()
+        let private_namespaces = namespaces::can_make_private_namespaces()
             .inspect_err(
                 |error| tracing::warn!(%error, "runs share the worker's UTS and IPC namespaces"),
             )
@@ -182,7 +182,7 @@ impl Sandbox {
     }
 
     /// The runs' network namespace, where the host allowed one.
-    pub fn netns(&self) -> Option<&netns::NetNamespace> {
+    pub fn netns(&self) -> Option<&namespaces::NetNamespace> {
         self.netns.as_ref().ok()
     }
 
@@ -221,7 +221,7 @@ impl Sandbox {
             fds,
             landlock: ruleset.is_some(),
             cgroup_procs: cgroups.map(|c| c.procs_files()).unwrap_or_default(),
-            netns: self.netns().map(netns::NetNamespace::fd),
+            netns: self.netns().map(namespaces::NetNamespace::fd),
             private_namespaces: self.private_namespaces(),
             filters: Arc::clone(&self.filters),
         };

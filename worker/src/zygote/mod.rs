@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use self::protocol::{Event, ProtocolError, Request, SpawnSpec, CONTROL_FD, SPAWN_FDS};
 use crate::reaper;
 use crate::runtime::PythonRuntime;
-use crate::sandbox::netns::NetNamespace;
+use crate::sandbox::namespaces::NetNamespace;
 use crate::sandbox::sys;
 
 /// How long a zygote may take to import its preload set.

@@ -1,4 +1,9 @@
-//! The network namespace of every run: one per worker, made at start, with no interface but the
+//! The namespaces of runs.
+//!
+//! Each run makes its own UTS and IPC namespaces as it enters its sandbox (`sys::enter`); here
+//! the worker only checks, at start, that it may.
+//!
+//! The network namespace is shared: one per worker, made at start, with no interface but the
 //! loopback every namespace has, which stays down. A run there has no route anywhere, and the
 //! host's abstract unix sockets (which belong to a network namespace) are out of its reach.
 //!
