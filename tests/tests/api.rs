@@ -336,6 +336,16 @@ async fn a_sync_run_that_outlives_its_wait_gets_504_and_can_be_polled() {
     )
     .await;
     assert_eq!(busy.status, 202);
+    // Only once it runs is the slot surely taken (queued tasks race for it).
+    let busy_id = busy.body["id"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    while get(&format!("{}/jobs/{busy_id}", api.url)).await.body["status"] != "running" {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the busy job never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let reply = post_json(
         &format!("{}/run", api.url),
         &json!({ "code": "print('late')", "timeout_ms": 100 }),
@@ -409,6 +419,7 @@ async fn isolation_reports_every_layer_and_each_result_names_its_own() {
         "not_dumpable",
         "uts_namespace",
         "ipc_namespace",
+        "mount_namespace",
         "rlimits",
         "no_new_privs",
     ] {
