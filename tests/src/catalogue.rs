@@ -455,6 +455,28 @@ pub fn hostile() -> Vec<Case> {
         // Landlock: only the run's directory is writable, and only the runtime, the system's
         // libraries and programs and a few files of /etc are readable, whatever the uid allows.
         case("writing to /tmp", "open('/tmp/pyrunner-left-behind', 'w')", RunStatus::Error, denied),
+        // A mount namespace per run: its directory and /dev/shm are tmpfs of its own.
+        case(
+            "a file in /dev/shm stays in the run",
+            "open('/dev/shm/pyrunner-left-behind', 'w').write('x'); print(open('/dev/shm/pyrunner-left-behind').read())",
+            RunStatus::Success,
+            |r| {
+                assert_eq!(r.stdout, "x\n");
+                assert!(!std::path::Path::new("/dev/shm/pyrunner-left-behind").exists(), "it reached the host's /dev/shm");
+            },
+        ),
+        case(
+            "the working directory is a tmpfs of 256 MiB",
+            "import os; s = os.statvfs('.'); print(s.f_blocks * s.f_frsize >> 20)",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "256\n"),
+        ),
+        case(
+            "filling the working directory",
+            "for i in range(8):\n    open(f'f{i}', 'wb').write(b'x' * (60 << 20))",
+            RunStatus::Error,
+            |r| assert!(r.stderr.contains("No space left on device"), "{r:#?}"),
+        ),
         case("writing to /var/tmp", "open('/var/tmp/pyrunner-left-behind', 'w')", RunStatus::Error, denied),
         case("multiprocessing pools work (their semaphores live in /dev/shm)",
             "import multiprocessing as m\nwith m.Pool(2) as p:\n    print(p.map(abs, [-1, -2]))",

@@ -48,6 +48,10 @@ pub struct ExecutorArgs {
     /// Largest file one run may write, in MiB.
     #[arg(long, env = "PYRUNNER_MAX_FILE_MB", default_value_t = 64)]
     pub max_file_mb: u64,
+    /// Size of each private tmpfs of a run (its working directory, /dev/shm), in MiB;
+    /// they count against the run's memory limit too.
+    #[arg(long, env = "PYRUNNER_MAX_WORKDIR_MB", default_value_t = 256)]
+    pub max_workdir_mb: u64,
     /// Most open descriptors of one run's process.
     #[arg(long, env = "PYRUNNER_MAX_OPEN_FILES", default_value_t = 256)]
     pub max_open_files: u64,
@@ -153,6 +157,7 @@ impl ExecutorArgs {
             max_file_bytes: self.max_file_mb * 1024 * 1024,
             max_open_files: self.max_open_files,
             max_processes: self.max_processes,
+            max_workdir_bytes: self.max_workdir_mb * 1024 * 1024,
         };
         let sandbox = Sandbox::new(settings.clone(), runtime.dir())?;
         let slot_count = match self.executor {
@@ -198,6 +203,7 @@ impl ExecutorArgs {
                         recycle_after: Duration::from_secs(self.zygote_max_age_secs.max(1)),
                         landlock: sandbox.landlock().cloned(),
                         private_namespaces: sandbox.private_namespaces(),
+                        private_mounts: sandbox.private_mounts(),
                     },
                     settings,
                     runtime.clone(),

@@ -47,6 +47,8 @@ pub struct WarmPoolSettings {
     pub landlock: Option<LandlockPolicy>,
     /// Whether each child makes private UTS and IPC namespaces.
     pub private_namespaces: bool,
+    /// The size of each private tmpfs of a child, where children get a mount namespace.
+    pub private_mounts: Option<u64>,
 }
 
 /// A warm child could not be had.
@@ -194,6 +196,13 @@ impl WarmPool {
             rlimits: rlimits::for_pool(&self.inner.sandbox),
             landlock: false,
             private_namespaces: self.inner.settings.private_namespaces,
+            private_mounts: self.inner.settings.private_mounts,
+            landlock_mount_access: self
+                .inner
+                .settings
+                .landlock
+                .as_ref()
+                .map_or(0, LandlockPolicy::mount_access),
         };
         let ruleset = match &self.inner.settings.landlock {
             Some(policy) => policy.ruleset(workdir.path()).map_err(SandboxError::from)?,

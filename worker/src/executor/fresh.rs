@@ -35,6 +35,7 @@ impl Executor {
         let mut child = reaper::spawn_leader(|| {
             self.sandbox.spawn(
                 &mut command,
+                workdir.path(),
                 &job.limits,
                 slot.uid(),
                 slot.cgroups(),

@@ -251,12 +251,7 @@ impl Executor {
         };
         set("cgroup_memory", cgroups.clone());
         set("cgroup_pids", cgroups);
-        for name in [
-            "cgroup_cpu",
-            "user_namespace",
-            "mount_namespace",
-            "pid_namespace",
-        ] {
+        for name in ["cgroup_cpu", "user_namespace", "pid_namespace"] {
             set(name, not_built());
         }
         report

@@ -21,6 +21,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
+use super::sys;
 use landlock::{
     path_beneath_rules, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible,
     PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetError, Scope, ABI,
@@ -102,9 +103,20 @@ impl LandlockPolicy {
         Ok(policy)
     }
 
+    /// The rights a run's process grants itself on the tmpfs it mounts: every filesystem right
+    /// this kernel's Landlock handles.
+    pub fn mount_access(&self) -> u64 {
+        let abi = ABI::from(sys::landlock_abi()).min(ABI_TARGET);
+        AccessFs::from_all(abi).bits()
+    }
+
     /// A ruleset for a run working in `workdir`, ready to enforce. `None` where the kernel has
     /// no Landlock (it cannot happen after a successful [`probe`](Self::probe) on the same
     /// host, but the kernel decides).
+    ///
+    /// Landlock does not apply a rule on a mount point to what is mounted there: a run that
+    /// mounts its own tmpfs (on `workdir`, on /dev/shm) adds rules for them itself, with
+    /// [`mount_access`](Self::mount_access), before it enforces the ruleset.
     pub fn ruleset(&self, workdir: &Path) -> Result<Option<OwnedFd>, RulesetError> {
         let fixed = self
             .fixed

@@ -31,6 +31,8 @@ pub struct SandboxSettings {
     pub max_open_files: u64,
     /// Most processes and threads a run may have at once.
     pub max_processes: u64,
+    /// Size of each private tmpfs of a run (working directory, /dev/shm), in bytes.
+    pub max_workdir_bytes: u64,
 }
 
 impl Default for SandboxSettings {
@@ -39,6 +41,7 @@ impl Default for SandboxSettings {
             max_file_bytes: 64 * 1024 * 1024,
             max_open_files: 256,
             max_processes: 64,
+            max_workdir_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -62,6 +65,8 @@ pub struct Sandbox {
     landlock: Result<landlock::LandlockPolicy, String>,
     /// Whether each run gets private UTS and IPC namespaces.
     private_namespaces: Result<(), String>,
+    /// Whether each run gets a mount namespace with private tmpfs mounts.
+    private_mounts: Result<(), String>,
 }
 
 impl Sandbox {
@@ -69,6 +74,14 @@ impl Sandbox {
     /// rulesets can be made for runs of the runtime in `runtime_dir` (each where the host
     /// allows it; see [`namespaces`] and [`landlock`]).
     pub fn new(settings: SandboxSettings, runtime_dir: &Path) -> Result<Self, SandboxError> {
+        let private_mounts = namespaces::can_make_private_mounts()
+            .inspect_err(|error| {
+                tracing::warn!(
+                    %error,
+                    "runs share the host's /dev/shm and their directory has no size cap"
+                )
+            })
+            .map_err(|e| format!("cannot make them (they need CAP_SYS_ADMIN and mount): {e}"));
         let landlock = landlock::LandlockPolicy::probe(runtime_dir)
             .inspect_err(|error| {
                 tracing::warn!(
@@ -97,6 +110,7 @@ impl Sandbox {
             netns,
             landlock,
             private_namespaces,
+            private_mounts,
         })
     }
 
@@ -155,6 +169,13 @@ impl Sandbox {
                 ),
             ),
             (
+                "mount_namespace",
+                status(self.private_mounts.as_ref().map(|_| {
+                    "one per run, with private tmpfs on its directory and /dev/shm; the rest of \
+                     the filesystem is the host's, narrowed by Landlock (/tmp is closed)"
+                })),
+            ),
+            (
                 "ipc_namespace",
                 status(self.private_namespaces.as_ref().map(|_| {
                     "one per run (System V IPC and message queues are refused by seccomp too)"
@@ -174,6 +195,14 @@ impl Sandbox {
     /// The Landlock policy of runs, where the kernel has Landlock.
     pub fn landlock(&self) -> Option<&landlock::LandlockPolicy> {
         self.landlock.as_ref().ok()
+    }
+
+    /// The size of each private tmpfs of a run, where runs get a mount namespace.
+    pub fn private_mounts(&self) -> Option<u64> {
+        self.private_mounts
+            .as_ref()
+            .ok()
+            .map(|()| self.settings.max_workdir_bytes)
     }
 
     /// Whether runs get private UTS and IPC namespaces.
@@ -202,6 +231,7 @@ impl Sandbox {
     pub fn spawn(
         &self,
         command: &mut Command,
+        workdir: &Path,
         limits: &RunLimits,
         uid: Option<u32>,
         cgroups: Option<&cgroup::SlotCgroups>,
@@ -223,6 +253,15 @@ impl Sandbox {
             cgroup_procs: cgroups.map(|c| c.procs_files()).unwrap_or_default(),
             netns: self.netns().map(namespaces::NetNamespace::fd),
             private_namespaces: self.private_namespaces(),
+            mounts: self
+                .private_mounts()
+                .map(|size| {
+                    let access = self
+                        .landlock()
+                        .map_or(0, landlock::LandlockPolicy::mount_access);
+                    sys::PrivateMounts::new(workdir, uid.map(|u| (u, u)), size, access)
+                })
+                .transpose()?,
             filters: Arc::clone(&self.filters),
         };
         sys::set_entry(command, plan);

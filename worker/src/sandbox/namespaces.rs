@@ -22,6 +22,8 @@ use std::sync::Arc;
 
 use nix::sched::CloneFlags;
 
+use super::sys;
+
 /// Whether this process may make the private UTS and IPC namespaces of runs: a short-lived
 /// thread makes them for itself (namespaces belong to a thread until it forks).
 pub fn can_make_private_namespaces() -> io::Result<()> {
@@ -58,5 +60,39 @@ impl NetNamespace {
     /// The namespace's descriptor, for `setns`.
     pub fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// Whether runs can have private mounts (a mount namespace with tmpfs mounts, see
+/// [`sys::PrivateMounts`]): a short-lived `/bin/sh` is started with the same entry a run's
+/// process has, minus everything else.
+pub fn can_make_private_mounts() -> io::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut command = std::process::Command::new("/bin/sh");
+    command
+        .args(["-c", ":"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    sys::set_entry(
+        &mut command,
+        sys::EntryPlan {
+            entry: sys::Entry::BeforeExec,
+            rlimits: Vec::new(),
+            ids: None,
+            fds: Vec::new(),
+            cgroup_procs: Vec::new(),
+            netns: None,
+            private_namespaces: false,
+            mounts: Some(sys::PrivateMounts::new(dir.path(), None, 1 << 20, 0)?),
+            landlock: false,
+            filters: std::sync::Arc::new(Vec::new()),
+        },
+    );
+    let status = command.status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("the probe ended with {status}")))
     }
 }

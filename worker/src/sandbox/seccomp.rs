@@ -371,14 +371,15 @@ pub const POLICY: &[Allowed] = &[
 ];
 
 /// The namespaces a warm child makes for itself when it enters its sandbox.
-pub const PRIVATE_NAMESPACES: libc::c_int = libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+pub const PRIVATE_NAMESPACES: libc::c_int =
+    libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNS;
 
 /// Allowed to the zygote and to its children until they have entered their sandbox: a warm child
 /// makes its own UTS and IPC namespaces and names its host, under the filter it inherited. Each
 /// child then adds [`compile_entry_closed`], which refuses these again, before any run's code.
 pub const ENTRY: &[Allowed] = &[
     Allowed {
-        reason: "a warm child's own UTS and IPC namespaces, made as it enters its sandbox",
+        reason: "a warm child's own UTS, IPC and mount namespaces, made as it enters its sandbox",
         calls: &[("unshare", libc::SYS_unshare)],
         when: Condition::FlagsWithin {
             arg: 0,
@@ -386,8 +387,11 @@ pub const ENTRY: &[Allowed] = &[
         },
     },
     always(
-        "a warm child names the host of its UTS namespace",
-        &[("sethostname", libc::SYS_sethostname)],
+        "a warm child names the host of its UTS namespace, and mounts its private tmpfs",
+        &[
+            ("sethostname", libc::SYS_sethostname),
+            ("mount", libc::SYS_mount),
+        ],
     ),
 ];
 

@@ -17,6 +17,66 @@ use seccompiler::BpfProgram;
 pub const CODE_FD: RawFd = 3;
 /// The descriptor the harness writes its exception report to.
 pub const REPORT_FD: RawFd = 4;
+/// Private tmpfs mounts of a run, with their options, built before the fork.
+#[derive(Debug, Clone)]
+pub struct PrivateMounts {
+    tmpfs: Vec<(std::ffi::CString, std::ffi::CString)>,
+    /// Landlock rights to grant on each mount (see `LandlockPolicy::mount_access`).
+    landlock_access: u64,
+}
+
+impl PrivateMounts {
+    /// A tmpfs of `size_bytes` on `workdir` (owned by `ids`, mode 0700), and one on `/dev/shm`
+    /// (mode 1777). `/tmp` keeps the host's (working directories usually live there, and a
+    /// mount on it would hide them); Landlock closes it.
+    pub fn new(
+        workdir: &std::path::Path,
+        ids: Option<(u32, u32)>,
+        size_bytes: u64,
+        landlock_access: u64,
+    ) -> io::Result<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |bytes: &[u8]| {
+            std::ffi::CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+        };
+        let owner = ids.map_or(String::new(), |(uid, gid)| format!(",uid={uid},gid={gid}"));
+        let shared = format!("size={size_bytes},mode=1777");
+        Ok(Self {
+            tmpfs: vec![
+                (
+                    c(workdir.as_os_str().as_bytes())?,
+                    c(format!("size={size_bytes},mode=0700{owner}").as_bytes())?,
+                ),
+                (c(b"/dev/shm")?, c(shared.as_bytes())?),
+            ],
+            landlock_access,
+        })
+    }
+}
+
+/// `struct landlock_path_beneath_attr` (packed in the kernel's header).
+#[repr(C, packed)]
+struct LandlockPathBeneath {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+const LANDLOCK_RULE_PATH_BENEATH: libc::c_int = 1;
+
+/// The Landlock ABI version of this kernel (0 without Landlock).
+pub fn landlock_abi() -> i32 {
+    // SAFETY: with a null attribute, size 0 and the VERSION flag, the call only returns a
+    // number.
+    let version = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            1 as libc::c_uint,
+        )
+    };
+    i32::try_from(version.max(0)).unwrap_or(0)
+}
+
 /// The host name of a run's UTS namespace.
 const HOSTNAME: &[u8] = b"pyrunner";
 /// The descriptor a Landlock ruleset is installed as, until the process enforces it.
@@ -59,6 +119,9 @@ pub struct EntryPlan {
     /// Whether to make private UTS and IPC namespaces (named `pyrunner`), after the network
     /// namespace (it needs `CAP_SYS_ADMIN`).
     pub private_namespaces: bool,
+    /// A mount namespace of the run's own with these tmpfs mounts, made after the other
+    /// namespaces; the process then changes into the first mount (its working directory).
+    pub mounts: Option<PrivateMounts>,
     /// Whether `fds` installs a Landlock ruleset as [`LANDLOCK_FD`], to enforce (and close)
     /// after `no_new_privs`.
     pub landlock: bool,
@@ -138,6 +201,35 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
             check(libc::unshare(libc::CLONE_NEWUTS | libc::CLONE_NEWIPC).into())?;
             check(libc::sethostname(HOSTNAME.as_ptr().cast(), HOSTNAME.len()).into())?;
         }
+        if let Some(mounts) = &plan.mounts {
+            check(libc::unshare(libc::CLONE_NEWNS).into())?;
+            // Nothing mounted here may reach the host's mount table.
+            check(
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )
+                .into(),
+            )?;
+            for (target, options) in &mounts.tmpfs {
+                check(
+                    libc::mount(
+                        c"tmpfs".as_ptr(),
+                        target.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV,
+                        options.as_ptr().cast(),
+                    )
+                    .into(),
+                )?;
+            }
+            if let Some((workdir, _)) = mounts.tmpfs.first() {
+                check(libc::chdir(workdir.as_ptr()).into())?;
+            }
+        }
         // Install the descriptors through copies above every target, so that no dup2 can
         // clobber another's source. dup2 clears FD_CLOEXEC on the copy.
         let mut copies = [0 as RawFd; MAX_FDS];
@@ -194,6 +286,25 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
         }
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())?;
         if plan.landlock {
+            // Rules on the mount points would not reach the tmpfs mounted on them: rules for
+            // the mounts themselves, added to the ruleset before it is enforced.
+            for (target, _) in plan.mounts.iter().flat_map(|m| &m.tmpfs) {
+                let fd = libc::open(target.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+                check(fd.into())?;
+                let rule = LandlockPathBeneath {
+                    allowed_access: plan.mounts.as_ref().map_or(0, |m| m.landlock_access),
+                    parent_fd: fd,
+                };
+                let added = libc::syscall(
+                    libc::SYS_landlock_add_rule,
+                    LANDLOCK_FD,
+                    LANDLOCK_RULE_PATH_BENEATH,
+                    &rule as *const LandlockPathBeneath,
+                    0 as libc::c_uint,
+                );
+                libc::close(fd);
+                check(added)?;
+            }
             check(libc::syscall(
                 libc::SYS_landlock_restrict_self,
                 LANDLOCK_FD,

@@ -53,6 +53,13 @@ pub struct SpawnSpec {
     /// Whether the child makes private UTS and IPC namespaces.
     #[serde(default)]
     pub private_namespaces: bool,
+    /// The size of each private tmpfs of the child (its directory, /dev/shm), if it
+    /// makes a mount namespace.
+    #[serde(default)]
+    pub private_mounts: Option<u64>,
+    /// The Landlock rights the child grants itself on those mounts (0 without Landlock).
+    #[serde(default)]
+    pub landlock_mount_access: u64,
 }
 
 /// A message from the zygote to the worker.
@@ -232,6 +239,8 @@ mod tests {
             rlimits: vec![(7, 256, 256)],
             landlock: false,
             private_namespaces: true,
+            private_mounts: Some(1 << 20),
+            landlock_mount_access: 0,
         });
         send(&a, &request, &[r.as_raw_fd(), w.as_raw_fd()]).unwrap();
         let (got, fds): (Request, _) = receive(&b).unwrap().unwrap();

@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use nix::sys::resource::{setrlimit, Resource};
-use pyrunner_worker::sandbox::sys::{Entry, EntryPlan};
+use pyrunner_worker::sandbox::sys::{Entry, EntryPlan, PrivateMounts};
 use pyrunner_worker::zygote::protocol::{JobHeader, SpawnSpec, ENTRY_FAILED};
 use seccompiler::BpfProgram;
 
@@ -47,6 +47,13 @@ fn serve(
         // The zygote already is in the runs' network namespace.
         netns: None,
         private_namespaces: spec.private_namespaces,
+        mounts: spec
+            .private_mounts
+            .map(|size| {
+                PrivateMounts::new(&spec.workdir, spec.ids, size, spec.landlock_mount_access)
+            })
+            .transpose()
+            .map_err(|e| format!("cannot prepare the mounts: {e}"))?,
         // Descriptor 5, the ruleset the worker made for this child's working directory.
         landlock: spec.landlock,
         entry: Entry::Forked { parent: zygote },
