@@ -9,8 +9,8 @@
 //!   namespace flags, `sendto` without a destination address.
 //! - A few return `ENOSYS` instead of `EPERM`, so that libraries fall back to what is allowed:
 //!   `clone3` (glibc then uses `clone`, whose flags the filter can read) and `io_uring_*`.
-//! - The zygote's copy also allows [`ENTRY`] (`unshare` of a UTS and an IPC namespace,
-//!   `sethostname`), which a warm child needs to enter its sandbox; each child then adds
+//! - The zygote's copy also allows [`ENTRY`] (`unshare` of a UTS, an IPC and a mount namespace,
+//!   `sethostname`, `mount`), which a warm child needs to enter its sandbox; each child then adds
 //!   [`compile_entry_closed`], so a run's code never has them.
 //!
 //! The calls listed cover CPython, numpy, sympy, threads, subprocesses, `multiprocessing`, the
@@ -375,7 +375,8 @@ pub const PRIVATE_NAMESPACES: libc::c_int =
     libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNS;
 
 /// Allowed to the zygote and to its children until they have entered their sandbox: a warm child
-/// makes its own UTS and IPC namespaces and names its host, under the filter it inherited. Each
+/// makes its own UTS, IPC and mount namespaces, names its host and mounts its tmpfs, under the
+/// filter it inherited. Each
 /// child then adds [`compile_entry_closed`], which refuses these again, before any run's code.
 pub const ENTRY: &[Allowed] = &[
     Allowed {
