@@ -214,7 +214,6 @@ impl Executor {
 
     /// Every isolation layer the service knows, and whether (and how) runs get it.
     pub fn isolation(&self) -> IsolationReport {
-        let not_built = || LayerStatus::inactive("not in this version");
         let mut report: IsolationReport = self
             .sandbox
             .isolation()
@@ -251,8 +250,11 @@ impl Executor {
         };
         set("cgroup_memory", cgroups.clone());
         set("cgroup_pids", cgroups);
-        for name in ["cgroup_cpu", "user_namespace", "pid_namespace"] {
-            set(name, not_built());
+        // Every layer decided neither here nor by the sandbox is one this version lacks.
+        for (name, _) in isolation::LAYERS {
+            report
+                .entry((*name).to_owned())
+                .or_insert_with(|| LayerStatus::inactive("not in this version"));
         }
         report
     }

@@ -59,6 +59,8 @@ const SHARED_WRITE: &[&str] = &["/dev/shm"];
 #[derive(Debug, Clone)]
 pub struct LandlockPolicy {
     fixed: Arc<Vec<(PathFd, BitFlags<AccessFs>)>>,
+    /// Every filesystem right this kernel's Landlock handles (see [`Self::mount_access`]).
+    mount_access: u64,
 }
 
 impl LandlockPolicy {
@@ -97,6 +99,7 @@ impl LandlockPolicy {
         }
         let policy = Self {
             fixed: Arc::new(fixed),
+            mount_access: AccessFs::from_all(ABI::from(sys::landlock_abi()).min(ABI_TARGET)).bits(),
         };
         // A ruleset that cannot be made here never will be: say so once, at start.
         policy.ruleset(runtime_root)?;
@@ -106,8 +109,7 @@ impl LandlockPolicy {
     /// The rights a run's process grants itself on the tmpfs it mounts: every filesystem right
     /// this kernel's Landlock handles.
     pub fn mount_access(&self) -> u64 {
-        let abi = ABI::from(sys::landlock_abi()).min(ABI_TARGET);
-        AccessFs::from_all(abi).bits()
+        self.mount_access
     }
 
     /// A ruleset for a run working in `workdir`, ready to enforce. `None` where the kernel has

@@ -1,8 +1,9 @@
 //! The sandbox a run's Python process starts in: its slot's cgroups, an empty network namespace,
-//! private UTS and IPC namespaces, its own session and process group, resource limits, an
-//! unprivileged uid per run slot, `no_new_privs`, a Landlock ruleset and a seccomp allowlist.
+//! private UTS, IPC and mount namespaces (its own tmpfs for its directory and /dev/shm), its own
+//! session and process group, resource limits, an unprivileged uid per run slot,
+//! `no_new_privs`, a Landlock ruleset and a seccomp allowlist.
 //!
-//! No PID, mount or user namespace yet; docs/SECURITY.md says what this leaves open.
+//! No PID or user namespace yet; docs/SECURITY.md says what this leaves open.
 
 pub mod cgroup;
 pub mod landlock;
@@ -46,6 +47,19 @@ impl Default for SandboxSettings {
     }
 }
 
+/// The outcome of probing an optional layer: logged with `consequence` when it failed, and kept
+/// with `why` and the error for the isolation report.
+fn probed<T, E: std::fmt::Display>(
+    outcome: Result<T, E>,
+    consequence: &str,
+    why: &str,
+) -> Result<T, String> {
+    outcome.map_err(|error| {
+        tracing::warn!(%error, "{consequence}");
+        format!("{why}: {error}")
+    })
+}
+
 /// A sandbox that cannot be prepared.
 #[derive(Debug, Error)]
 pub enum SandboxError {
@@ -74,36 +88,26 @@ impl Sandbox {
     /// rulesets can be made for runs of the runtime in `runtime_dir` (each where the host
     /// allows it; see [`namespaces`] and [`landlock`]).
     pub fn new(settings: SandboxSettings, runtime_dir: &Path) -> Result<Self, SandboxError> {
-        let private_mounts = namespaces::can_make_private_mounts()
-            .inspect_err(|error| {
-                tracing::warn!(
-                    %error,
-                    "runs share the host's /dev/shm and their directory has no size cap"
-                )
-            })
-            .map_err(|e| format!("cannot make them (they need CAP_SYS_ADMIN and mount): {e}"));
-        let landlock = landlock::LandlockPolicy::probe(runtime_dir)
-            .inspect_err(|error| {
-                tracing::warn!(
-                    %error,
-                    "no Landlock: runs reach the filesystem as far as their uid allows"
-                )
-            })
-            .map_err(|e| format!("cannot make a ruleset: {e}"));
-        let netns = namespaces::NetNamespace::create()
-            .inspect_err(|error| {
-                tracing::warn!(
-                    %error,
-                    "runs share the worker's network namespace (seccomp alone keeps them off \
-                     the network)"
-                )
-            })
-            .map_err(|e| format!("cannot make one (it needs CAP_SYS_ADMIN): {e}"));
-        let private_namespaces = namespaces::can_make_private_namespaces()
-            .inspect_err(
-                |error| tracing::warn!(%error, "runs share the worker's UTS and IPC namespaces"),
-            )
-            .map_err(|e| format!("cannot make them (they need CAP_SYS_ADMIN): {e}"));
+        let private_mounts = probed(
+            namespaces::can_make_private_mounts(),
+            "runs share the host's /dev/shm and their directory has no size cap",
+            "cannot make them (they need CAP_SYS_ADMIN and mount)",
+        );
+        let landlock = probed(
+            landlock::LandlockPolicy::probe(runtime_dir),
+            "no Landlock: runs reach the filesystem as far as their uid allows",
+            "cannot make a ruleset",
+        );
+        let netns = probed(
+            namespaces::NetNamespace::create(),
+            "runs share the worker's network namespace (seccomp alone keeps them off the network)",
+            "cannot make one (it needs CAP_SYS_ADMIN)",
+        );
+        let private_namespaces = probed(
+            namespaces::can_make_private_namespaces(),
+            "runs share the worker's UTS and IPC namespaces",
+            "cannot make them (they need CAP_SYS_ADMIN)",
+        );
         Ok(Self {
             filters: Arc::new(seccomp::compile(seccomp::POLICY)?),
             settings,

@@ -609,7 +609,44 @@ pub fn allowed_count(policy: &[Allowed]) -> usize {
 /// and applies the strictest answer; between two errnos the last installed program's wins, so
 /// the `ENOSYS` calls return `ENOSYS`.
 pub fn compile(policy: &[Allowed]) -> Result<Vec<BpfProgram>, SeccompError> {
-    compile_with_default(policy, SeccompAction::Errno(libc::EPERM as u32))
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for allowed in policy {
+        for &(_, nr) in allowed.calls {
+            // An empty chain matches every call; the rules of one chain are alternatives.
+            let chain = rules.entry(nr).or_default();
+            let (arg, len, op, value) = match allowed.when {
+                Condition::Always => continue,
+                Condition::IntEq { arg, value } => {
+                    (arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value.into())
+                }
+                Condition::NullPointer { arg } => {
+                    (arg, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)
+                }
+                Condition::FlagsWithin { arg, allowed } => (
+                    arg,
+                    SeccompCmpArgLen::Qword,
+                    SeccompCmpOp::MaskedEq(!allowed),
+                    0,
+                ),
+                Condition::ArgLacksBits { arg, mask } => (
+                    arg,
+                    SeccompCmpArgLen::Qword,
+                    SeccompCmpOp::MaskedEq(mask),
+                    0,
+                ),
+            };
+            chain.push(SeccompRule::new(vec![SeccompCondition::new(
+                arg, len, op, value,
+            )?])?);
+        }
+    }
+    let allowlist = program(
+        rules,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+    )?;
+    let enosys = refusing(ENOSYS.iter().map(|&(_, nr, _)| nr), libc::ENOSYS)?;
+    Ok(vec![allowlist, enosys])
 }
 
 /// The zygote's programs: the policy with [`ENTRY`] added.
@@ -621,84 +658,36 @@ pub fn compile_for_zygote() -> Result<Vec<BpfProgram>, SeccompError> {
 /// The program a warm child adds once it has entered its sandbox: the calls of [`ENTRY`] fail
 /// with `EPERM` again, whatever their arguments.
 pub fn compile_entry_closed() -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = ENTRY
-        .iter()
-        .flat_map(|a| a.calls)
-        .map(|&(_, nr)| (nr, Vec::new()))
-        .collect();
-    let mut program: BpfProgram = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        TargetArch::x86_64,
-    )?
-    .try_into()?;
-    insert_x32_check(&mut program);
-    Ok(program)
+    refusing(
+        ENTRY.iter().flat_map(|a| a.calls).map(|&(_, nr)| nr),
+        libc::EPERM,
+    )
 }
 
-fn compile_with_default(
-    policy: &[Allowed],
-    default: SeccompAction,
-) -> Result<Vec<BpfProgram>, SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for allowed in policy {
-        for &(_, nr) in allowed.calls {
-            // An empty chain matches every call; the rules of one chain are alternatives.
-            let chain = rules.entry(nr).or_default();
-            match allowed.when {
-                Condition::Always => {}
-                Condition::IntEq { arg, value } => {
-                    chain.push(SeccompRule::new(vec![SeccompCondition::new(
-                        arg,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::Eq,
-                        value.into(),
-                    )?])?)
-                }
-                Condition::NullPointer { arg } => {
-                    chain.push(SeccompRule::new(vec![SeccompCondition::new(
-                        arg,
-                        SeccompCmpArgLen::Qword,
-                        SeccompCmpOp::Eq,
-                        0,
-                    )?])?)
-                }
-                Condition::FlagsWithin { arg, allowed } => {
-                    chain.push(SeccompRule::new(vec![SeccompCondition::new(
-                        arg,
-                        SeccompCmpArgLen::Qword,
-                        SeccompCmpOp::MaskedEq(!allowed),
-                        0,
-                    )?])?)
-                }
-                Condition::ArgLacksBits { arg, mask } => {
-                    chain.push(SeccompRule::new(vec![SeccompCondition::new(
-                        arg,
-                        SeccompCmpArgLen::Qword,
-                        SeccompCmpOp::MaskedEq(mask),
-                        0,
-                    )?])?)
-                }
-            }
-        }
-    }
-    let allowlist: BpfProgram =
-        SeccompFilter::new(rules, default, SeccompAction::Allow, TargetArch::x86_64)?.try_into()?;
-    let enosys_rules: BTreeMap<i64, Vec<SeccompRule>> =
-        ENOSYS.iter().map(|&(_, nr, _)| (nr, Vec::new())).collect();
-    let enosys: BpfProgram = SeccompFilter::new(
-        enosys_rules,
+/// A program that fails `calls` with `errno` and allows everything else.
+fn refusing(
+    calls: impl Iterator<Item = c_long>,
+    errno: libc::c_int,
+) -> Result<BpfProgram, SeccompError> {
+    let rules = calls.map(|nr| (nr, Vec::new())).collect();
+    program(
+        rules,
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        TargetArch::x86_64,
-    )?
-    .try_into()?;
-    let mut programs = vec![allowlist, enosys];
-    for program in &mut programs {
-        insert_x32_check(program);
-    }
-    Ok(programs)
+        SeccompAction::Errno(errno as u32),
+    )
+}
+
+/// `rules` compiled for x86_64, with the x32 check: `matched` for calls that match a rule,
+/// `mismatch` for every other.
+fn program(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
+    let mut program: BpfProgram =
+        SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)?.try_into()?;
+    insert_x32_check(&mut program);
+    Ok(program)
 }
 
 /// Adds, right after seccompiler's architecture check, "kill the process if the call number has
