@@ -437,6 +437,37 @@ pub fn hostile() -> Vec<Case> {
             RunStatus::Success,
             |r| assert_eq!(r.stdout, "['lo']\n[]\n"),
         ),
+        // A PID namespace per run: an init of the service's own is pid 1, the run is pid 2, and
+        // its /proc shows nothing else.
+        case(
+            "a run sees only its own processes",
+            "import os, subprocess\np = subprocess.Popen(['sleep', '5'])\n\
+             print(os.getpid(), os.getppid(), sorted(int(x) for x in os.listdir('/proc') if x.isdigit()))\n\
+             p.kill()",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "2 0 [1, 2, 3]\n"),
+        ),
+        case(
+            "signalling the init of the run's PID namespace",
+            "import os, signal; os.kill(1, signal.SIGKILL)",
+            RunStatus::Error,
+            denied,
+        ),
+        case(
+            "a PID namespace of the run's own (what the zygote's helper may make)",
+            syscall_errno!("272", ", 0x20000000"),
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "-1 Operation not permitted\n"),
+        ),
+        case(
+            "moving its children into another PID namespace (what the zygote may do)",
+            concat!(
+                "import os\nfd = os.open('/proc/self/ns/pid', os.O_RDONLY)\n",
+                syscall_errno!("308", ", fd, 0x20000000")
+            ),
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "-1 Operation not permitted\n"),
+        ),
         case("environment is empty of the worker's variables", "import os; print(sorted(os.environ))", RunStatus::Success, |r| {
             assert!(!r.stdout.contains("PYRUNNER_TEST_SECRET"), "{}", r.stdout);
             assert!(!r.stdout.contains("REDIS_URL") && !r.stdout.contains("AMQP_URL"), "{}", r.stdout);
@@ -447,7 +478,9 @@ pub fn hostile() -> Vec<Case> {
             assert!(r.stdout.trim_end().ends_with("[]"), "{}", r.stdout);
         }),
         case("reading /etc/shadow", "open('/etc/shadow').read()", RunStatus::Error, denied),
-        case("reading the worker's environment", "open('/proc/1/environ').read()", RunStatus::Error, denied),
+        // Pid 1 is the init of the run's PID namespace, a root process; without that namespace
+        // it would be the host's init.
+        case("reading pid 1's environment", "open('/proc/1/environ').read()", RunStatus::Error, denied),
         case("writing outside the working directory", "open('/etc/pyrunner-test', 'w')", RunStatus::Error, denied),
         case("writing in the working directory", "open('f.txt', 'w').write('x'); print(open('f.txt').read())", RunStatus::Success, |r| {
             assert_eq!(r.stdout, "x\n")
@@ -600,10 +633,13 @@ pub fn hostile() -> Vec<Case> {
             |r| assert_eq!(r.stdout, "4\n"),
         ),
         case(
-            "signalling the process that started the run",
-            "import os, signal; os.kill(os.getppid(), signal.SIGTERM)",
-            RunStatus::Error,
-            denied,
+            "signalling the process that started the run (outside the run's PID namespace, \
+             its parent has no pid there: a guess at the worker's pid reaches nothing)",
+            "import os, signal\nprint(os.getppid())\n\
+             for pid in range(3, 400):\n    try:\n        os.kill(pid, signal.SIGTERM)\n    \
+             except ProcessLookupError:\n        pass\nprint('none there')",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "0\nnone there\n"),
         ),
         case(
             "kill(-1) reaches only the run's own processes",

@@ -26,6 +26,17 @@ pub fn parent(pid: u32) -> Option<u32> {
     after.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The processes whose command line (arguments separated by NUL bytes, each ending with one) is
+/// exactly `cmdline`.
+pub fn with_cmdline(cmdline: &str) -> Vec<u32> {
+    pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline.as_bytes())
+        })
+        .collect()
+}
+
 /// The real uid of `pid`.
 pub fn uid(pid: u32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

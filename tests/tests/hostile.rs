@@ -40,44 +40,42 @@ async fn hostile_code_is_contained_in_fresh_interpreters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_children_die_with_their_run() {
-    for kind in [ExecutorKind::Zygote, ExecutorKind::Fresh] {
+    for (kind, marker) in [
+        (ExecutorKind::Zygote, "307.1"),
+        (ExecutorKind::Fresh, "307.2"),
+    ] {
         // Slots of this executor get uids far from the other tests' executors.
         let mut args = pyrunner_tests::executor_args(1);
         args.sandbox_uid_base = 64_500;
         args.executor = kind;
         let (executor, _root) = args.build().unwrap();
-        let code = "import subprocess, os, time\n\
-                    pids = [subprocess.Popen(['sleep', '300']).pid]\n\
-                    pid = os.fork()\n\
-                    if pid == 0:\n    time.sleep(300)\n\
-                    pids.append(pid)\n\
-                    pid = os.fork()\n\
-                    if pid == 0:\n    os.setsid()\n    time.sleep(300)\n\
-                    pids.append(pid)\n\
-                    print(*pids)";
-        let r = executor.run(&job(code, None, limits(None, None))).await;
+        // Three sleepers, recognisable on the host by their argument: a subprocess, a forked
+        // child, and a forked child that leaves the run's session and process group.
+        let code = format!(
+            "import subprocess, os, time\n\
+             subprocess.Popen(['sleep', '{marker}'])\n\
+             if os.fork() == 0:\n    os.execvp('sleep', ['sleep', '{marker}'])\n\
+             if os.fork() == 0:\n    os.setsid()\n    os.execvp('sleep', ['sleep', '{marker}'])\n\
+             time.sleep(0.5)\n\
+             def mine(p):\n    try:\n        return open(f'/proc/{{p}}/cmdline', 'rb').read() == b'sleep\\x00{marker}\\x00'\n    \
+             except OSError:\n        return False\n\
+             print(sum(mine(p) for p in os.listdir('/proc') if p.isdigit()))"
+        );
+        let r = executor.run(&job(&code, None, limits(None, None))).await;
         assert_eq!(r.status, RunStatus::Success, "{kind:?}: {r:#?}");
-        let pids: Vec<u32> = r
-            .stdout
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .collect();
-        assert_eq!(pids.len(), 3, "{kind:?}: {r:#?}");
-        let uid = 64_500..64_501;
+        assert_eq!(
+            r.stdout.trim(),
+            "3",
+            "{kind:?}: the sleepers did not start: {r:#?}"
+        );
         // Killed processes are reaped by the worker within a moment.
-        let alive = || -> Vec<u32> {
-            pids.iter()
-                .copied()
-                .filter(|&p| pyrunner_tests::procfs::uid(p).is_some_and(|u| uid.contains(&u)))
-                .collect()
-        };
-        let mut left = alive();
+        let mut left = pyrunner_tests::procfs::with_cmdline(&format!("sleep\0{marker}\0"));
         for _ in 0..20 {
             if left.is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            left = alive();
+            left = pyrunner_tests::procfs::with_cmdline(&format!("sleep\0{marker}\0"));
         }
         assert!(
             left.is_empty(),

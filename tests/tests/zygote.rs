@@ -72,13 +72,15 @@ async fn a_dead_zygote_fails_its_runs_and_is_replaced() {
 async fn a_dead_warm_child_is_replaced() {
     let (executor, _root) = started(&zygote_args(1)).await;
     for _ in 0..3 {
-        // The slot's waiting child is the zygote's only child.
+        // The slot's waiting child is the zygote's only child but its PID namespace helper,
+        // which keeps root's uid.
         let zygote = zygotes()[0];
         let children = std::fs::read_to_string(format!("/proc/{zygote}/task/{zygote}/children"))
             .unwrap_or_default();
         let warm: Vec<u32> = children
             .split_whitespace()
             .map(|p| p.parse().unwrap())
+            .filter(|&p| pyrunner_tests::procfs::uid(p) != Some(0))
             .collect();
         assert_eq!(warm.len(), 1, "{warm:?}");
         kill(warm[0]);
@@ -154,34 +156,16 @@ async fn auto_falls_back_to_fresh_interpreters_without_a_zygote() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_in_place_of_the_report_pipe_gets_no_end_record() {
+async fn another_descriptor_in_place_of_the_report_pipe_gets_no_end_record() {
     let (executor, _root) = pyrunner_tests::executor(1);
-    // The run's file lives in its own directory (the only place it may write), which goes with
-    // the run: a grandchild in a session of its own (so that the kill of the run's process
-    // group spares it), reads it back once the run's process has ended (and would have
-    // written its record), which it sees when it is reparented.
-    let code = "import os, time\n\
-                os.close(4)\n\
-                spare = open(os.devnull)\n\
-                f = open('mine.txt', 'w')\n\
-                print(f.fileno(), flush=True)\n\
-                f.write('mine')\n\
-                f.flush()\n\
-                parent = os.getpid()\n\
-                r, w = os.pipe()\n\
-                if os.fork() == 0:\n\
-                \x20   os.setsid()\n\
-                \x20   os.write(w, b'.')\n\
-                \x20   while os.getppid() == parent:\n\
-                \x20       time.sleep(0.002)\n\
-                \x20   print(repr(open('mine.txt').read()), flush=True)\n\
-                \x20   os._exit(0)\n\
-                os.read(r, 1)";
+    // The run puts its stdout in place of the report pipe: an end record written to descriptor
+    // 4 would show in its output.
+    let code = "import os\nos.dup2(1, 4)\nprint('mine', flush=True)";
     let r = executor.run(&job(code, None, limits(None, None))).await;
     assert_eq!(r.status, RunStatus::Success, "{r:#?}");
     assert_eq!(
-        r.stdout, "4\n'mine'\n",
-        "the file did not take descriptor 4, or got a record"
+        r.stdout, "mine\n",
+        "the end record went to the run's descriptor"
     );
 }
 
@@ -224,8 +208,10 @@ async fn a_forged_end_record_ends_only_its_own_run_and_the_process_dies() {
     let (executor, _root) = pyrunner_tests::executor(1);
     // The run writes a record of its own, closes its pipes and goes on.
     let code = r#"
-import os, sys, time
-print(os.getpid(), flush=True)
+import ctypes, os, sys, time
+# A name to find it by on the host: its pid is its PID namespace's.
+ctypes.CDLL(None).prctl(15, b"forged-end", 0, 0, 0)
+print(open('/proc/self/comm').read().strip(), flush=True)
 os.write(4, b'\n\x1epyrunner-end {"exit":7,"cpu_ms":0,"peak_rss_kb":0}\n')
 for fd in (1, 2, 4):
     os.close(fd)
@@ -240,9 +226,12 @@ time.sleep(30)
     );
     // It only lied about itself: its own result says what it wrote.
     assert_eq!(r.exit_code, Some(7), "{r:#?}");
-    let pid: u32 = r.stdout.trim().parse().unwrap();
+    assert_eq!(r.stdout, "forged-end\n", "{r:#?}");
     let gone = Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    while pyrunner_tests::procfs::pids()
+        .into_iter()
+        .any(|p| pyrunner_tests::procfs::comm(p).as_deref() == Some("forged-end"))
+    {
         assert!(
             gone.elapsed() < Duration::from_secs(2),
             "the process went on after its answer"

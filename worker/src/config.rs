@@ -204,6 +204,7 @@ impl ExecutorArgs {
                         landlock: sandbox.landlock().cloned(),
                         private_namespaces: sandbox.private_namespaces(),
                         private_mounts: sandbox.private_mounts(),
+                        pid_namespace: sandbox.pid_namespaces().is_some(),
                     },
                     settings,
                     runtime.clone(),

@@ -46,15 +46,18 @@ pub fn start() {
     });
 }
 
-/// Spawns a run leader with `spawn` and registers it before the reaper can see it.
-pub fn spawn_leader(spawn: impl FnOnce() -> std::io::Result<Child>) -> std::io::Result<Child> {
+/// Spawns a run leader with `spawn` (which may return more with it) and registers it before the
+/// reaper can see it.
+pub fn spawn_leader<T>(
+    spawn: impl FnOnce() -> std::io::Result<(Child, T)>,
+) -> std::io::Result<(Child, T)> {
     start();
     let mut guard = leaders();
-    let child = spawn()?;
+    let (child, more) = spawn()?;
     guard
         .get_or_insert_with(HashSet::new)
         .insert(child.id() as i32);
-    Ok(child)
+    Ok((child, more))
 }
 
 /// Forgets a leader its executor has reaped, and reaps what has ended meanwhile.

@@ -49,6 +49,8 @@ pub struct WarmPoolSettings {
     pub private_namespaces: bool,
     /// The size of each private tmpfs of a child, where children get a mount namespace.
     pub private_mounts: Option<u64>,
+    /// Whether each child is forked into a PID namespace of its own (it needs the mounts).
+    pub pid_namespace: bool,
 }
 
 /// A warm child could not be had.
@@ -203,6 +205,14 @@ impl WarmPool {
                 .landlock
                 .as_ref()
                 .map_or(0, LandlockPolicy::mount_access),
+            pid_namespace: self.inner.settings.pid_namespace
+                && self.inner.settings.private_mounts.is_some(),
+            landlock_proc_access: self
+                .inner
+                .settings
+                .landlock
+                .as_ref()
+                .map_or(0, LandlockPolicy::proc_access),
         };
         let ruleset = match &self.inner.settings.landlock {
             Some(policy) => policy.ruleset(workdir.path()).map_err(SandboxError::from)?,

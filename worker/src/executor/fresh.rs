@@ -32,7 +32,7 @@ impl Executor {
         let mut command = self.command(workdir.path(), job.stdin.is_some());
         let setup = setup_started.elapsed();
         let started = Instant::now();
-        let mut child = reaper::spawn_leader(|| {
+        let (mut child, init) = reaper::spawn_leader(|| {
             self.sandbox.spawn(
                 &mut command,
                 workdir.path(),
@@ -74,8 +74,10 @@ impl Executor {
 
         let (timed_out, output_exceeded) = supervise(pid, &job.limits, started, &overflow).await?;
         let duration = started.elapsed();
-        // Whatever is left of the group (background children) dies with the run.
+        // Whatever is left of the group (background children) dies with the run, and with its
+        // PID namespace whatever left the group.
         sys::kill_group(pid);
+        drop(init);
         let reaped = tokio::task::spawn_blocking(move || sys::reap(pid))
             .await
             .expect("reap does not panic");

@@ -112,6 +112,12 @@ impl LandlockPolicy {
         self.mount_access
     }
 
+    /// The rights a run's process grants itself on the procfs it mounts on `/proc` in its own
+    /// PID namespace: reading, as on the host's `/proc`.
+    pub fn proc_access(&self) -> u64 {
+        AccessFs::from_read(ABI::V1).bits()
+    }
+
     /// A ruleset for a run working in `workdir`, ready to enforce. `None` where the kernel has
     /// no Landlock (it cannot happen after a successful [`probe`](Self::probe) on the same
     /// host, but the kernel decides).

@@ -1,9 +1,9 @@
 //! The sandbox a run's Python process starts in: its slot's cgroups, an empty network namespace,
-//! private UTS, IPC and mount namespaces (its own tmpfs for its directory and /dev/shm), its own
-//! session and process group, resource limits, an unprivileged uid per run slot,
-//! `no_new_privs`, a Landlock ruleset and a seccomp allowlist.
+//! private UTS, IPC, mount and PID namespaces (its own tmpfs for its directory and /dev/shm, its
+//! own /proc), its own session and process group, resource limits, an unprivileged uid per run
+//! slot, `no_new_privs`, a Landlock ruleset and a seccomp allowlist.
 //!
-//! No PID or user namespace yet; docs/SECURITY.md says what this leaves open.
+//! No user namespace yet; docs/SECURITY.md says what this leaves open.
 
 pub mod cgroup;
 pub mod landlock;
@@ -81,6 +81,8 @@ pub struct Sandbox {
     private_namespaces: Result<(), String>,
     /// Whether each run gets a mount namespace with private tmpfs mounts.
     private_mounts: Result<(), String>,
+    /// Where each run gets a PID namespace (with its own /proc, in its mount namespace).
+    pid_namespaces: Result<Arc<namespaces::PidNamespaces>, String>,
 }
 
 impl Sandbox {
@@ -93,6 +95,19 @@ impl Sandbox {
             "runs share the host's /dev/shm and their directory has no size cap",
             "cannot make them (they need CAP_SYS_ADMIN and mount)",
         );
+        let pid_namespaces = private_mounts
+            .as_ref()
+            .map_err(|_| "runs have no mount namespace to mount their /proc in".to_owned())
+            .and_then(|()| {
+                probed(
+                    namespaces::PidNamespaces::open().and_then(|pid| {
+                        namespaces::can_make_pid_namespaces(&pid)?;
+                        Ok(Arc::new(pid))
+                    }),
+                    "runs see the host's processes in /proc and share the worker's PID namespace",
+                    "cannot make them (they need CAP_SYS_ADMIN)",
+                )
+            });
         let landlock = probed(
             landlock::LandlockPolicy::probe(runtime_dir),
             "no Landlock: runs reach the filesystem as far as their uid allows",
@@ -115,6 +130,7 @@ impl Sandbox {
             landlock,
             private_namespaces,
             private_mounts,
+            pid_namespaces,
         })
     }
 
@@ -180,6 +196,13 @@ impl Sandbox {
                 })),
             ),
             (
+                "pid_namespace",
+                status(self.pid_namespaces.as_ref().map(|_| {
+                    "one per run, with an init of its own as pid 1 and its own /proc; the init's \
+                     death kills every process left in it"
+                })),
+            ),
+            (
                 "ipc_namespace",
                 status(self.private_namespaces.as_ref().map(|_| {
                     "one per run (System V IPC and message queues are refused by seccomp too)"
@@ -214,6 +237,25 @@ impl Sandbox {
         self.private_namespaces.is_ok()
     }
 
+    /// Where runs get PID namespaces.
+    pub fn pid_namespaces(&self) -> Option<&Arc<namespaces::PidNamespaces>> {
+        self.pid_namespaces.as_ref().ok()
+    }
+
+    /// The Landlock rights a run's process grants itself on the tmpfs it mounts (0 without
+    /// Landlock).
+    pub fn landlock_mount_access(&self) -> u64 {
+        self.landlock()
+            .map_or(0, landlock::LandlockPolicy::mount_access)
+    }
+
+    /// The Landlock rights a run's process grants itself on the /proc it mounts (0 without
+    /// Landlock).
+    pub fn landlock_proc_access(&self) -> u64 {
+        self.landlock()
+            .map_or(0, landlock::LandlockPolicy::proc_access)
+    }
+
     /// The runs' network namespace, where the host allowed one.
     pub fn netns(&self) -> Option<&namespaces::NetNamespace> {
         self.netns.as_ref().ok()
@@ -230,7 +272,8 @@ impl Sandbox {
     /// Spawns `command` inside the sandbox, as `uid` (and the same gid) when given, and in
     /// `cgroups` when given. `code` (a read end) becomes descriptor 3 and `report` (a write end)
     /// descriptor 4 of the child, and `ruleset` is enforced before exec; the parent's copies
-    /// are closed.
+    /// are closed. Where runs get PID namespaces, the child is pid 2 of a new one, and its init
+    /// is returned too: kill it once the child has ended.
     #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         &self,
@@ -242,7 +285,7 @@ impl Sandbox {
         code: OwnedFd,
         report: OwnedFd,
         ruleset: Option<OwnedFd>,
-    ) -> io::Result<Child> {
+    ) -> io::Result<(Child, Option<namespaces::RunInit>)> {
         let mut fds = vec![
             (code.as_raw_fd(), sys::CODE_FD),
             (report.as_raw_fd(), sys::REPORT_FD),
@@ -260,17 +303,28 @@ impl Sandbox {
             mounts: self
                 .private_mounts()
                 .map(|size| {
-                    let access = self
-                        .landlock()
-                        .map_or(0, landlock::LandlockPolicy::mount_access);
-                    sys::PrivateMounts::new(workdir, uid.map(|u| (u, u)), size, access)
+                    let mounts = sys::PrivateMounts::new(
+                        workdir,
+                        uid.map(|u| (u, u)),
+                        size,
+                        self.landlock_mount_access(),
+                    )?;
+                    Ok::<_, io::Error>(match self.pid_namespaces() {
+                        Some(_) => mounts.with_proc(self.landlock_proc_access()),
+                        None => mounts,
+                    })
                 })
                 .transpose()?,
             filters: Arc::clone(&self.filters),
         };
         sys::set_entry(command, plan);
-        let child = command.spawn();
+        let spawned = match self.pid_namespaces() {
+            Some(pid) => pid
+                .spawn_in_new(|| command.spawn())
+                .map(|(init, child)| (child, Some(init))),
+            None => command.spawn().map(|child| (child, None)),
+        };
         drop((code, report, ruleset));
-        child
+        spawned
     }
 }

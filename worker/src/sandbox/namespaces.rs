@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use nix::sched::CloneFlags;
@@ -63,14 +63,137 @@ impl NetNamespace {
     }
 }
 
+/// Where runs get PID namespaces: one per run, each with an init of its own as pid 1 and the
+/// run's process as pid 2, so that a run sees and signals only its own processes, and
+/// everything it starts dies with its init. The run's process is not the init because an init
+/// ignores every signal it has no handler for, its own `kill(getpid(), SIGKILL)` and `abort`
+/// included, and a run should behave as a program does anywhere.
+///
+/// A new namespace is made for the children of one thread (`unshare(CLONE_NEWPID)`): the
+/// thread forks the init, which becomes pid 1, then the run's process, then returns its
+/// children to its own namespace (`setns`). A procfs of the run's namespace is mounted on
+/// `/proc` in the run's mount namespace ([`sys::PrivateMounts::with_proc`]).
+#[derive(Debug)]
+pub struct PidNamespaces {
+    /// This thread's own PID namespace, to return to.
+    own: OwnedFd,
+    /// This process's pidfd, with which each init checks that its parent is alive.
+    pidfd: OwnedFd,
+}
+
+/// The init of a run's PID namespace. Dropping it kills it, and with it every process left in
+/// the namespace: drop it once the run's process has ended.
+#[derive(Debug)]
+pub struct RunInit {
+    pid: i32,
+}
+
+impl RunInit {
+    /// Kills the init and waits for it (and so for the whole namespace) to be gone, for a
+    /// caller that reaps its own children.
+    pub fn kill_and_reap(self) -> io::Result<()> {
+        let pid = self.into_pid();
+        sys::kill_process(pid);
+        sys::reap(pid).map(drop)
+    }
+
+    /// The init's pid, in this process's namespace, for a caller that takes over killing it.
+    pub fn into_pid(self) -> i32 {
+        let pid = self.pid;
+        std::mem::forget(self);
+        pid
+    }
+}
+
+impl Drop for RunInit {
+    fn drop(&mut self) {
+        sys::kill_process(self.pid);
+    }
+}
+
+impl PidNamespaces {
+    /// Opens this thread's PID namespace and this process's pidfd.
+    pub fn open() -> io::Result<Self> {
+        Ok(Self {
+            own: File::open("/proc/thread-self/ns/pid")?.into(),
+            pidfd: sys::own_pidfd()?,
+        })
+    }
+
+    /// This process's pidfd, at a number no sandbox entry installs over (see
+    /// [`sys::own_pidfd`]).
+    pub fn pidfd(&self) -> RawFd {
+        self.pidfd.as_raw_fd()
+    }
+
+    /// Makes a new PID namespace with its init, and calls `spawn` (on this thread) to fork the
+    /// run's process into it, as its pid 2. The init is returned with what `spawn` returned;
+    /// if anything fails, the init is killed, and with it whatever `spawn` started.
+    pub fn spawn_in_new<T>(
+        &self,
+        spawn: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<(RunInit, T)> {
+        sys::unshare_pid_namespace()?;
+        let spawned = sys::fork_init(self.pidfd.as_fd()).and_then(|pid| {
+            let init = RunInit { pid };
+            spawn().map(|spawned| (init, spawned))
+        });
+        // Back to this thread's own namespace for its next children, whatever happened.
+        let returned = self.return_children();
+        match (spawned, returned) {
+            (Ok(spawned), Ok(())) => Ok(spawned),
+            (Ok(_), Err(error)) | (Err(error), _) => Err(error),
+        }
+    }
+
+    /// Makes a new PID namespace with its init, and returns the init and a descriptor of the
+    /// namespace, for another process to fork a run's process into (see
+    /// [`Self::send_children`]).
+    pub fn make(&self) -> io::Result<(RunInit, OwnedFd)> {
+        self.spawn_in_new(|| Ok(File::open("/proc/thread-self/ns/pid_for_children")?.into()))
+    }
+
+    /// Makes this thread's next children start in `namespace` (one made by [`Self::make`],
+    /// here or in a process of this namespace), until [`Self::return_children`].
+    pub fn send_children(&self, namespace: BorrowedFd<'_>) -> io::Result<()> {
+        sys::set_pid_namespace_for_children(namespace)
+    }
+
+    /// Makes this thread's next children start in its own PID namespace again.
+    pub fn return_children(&self) -> io::Result<()> {
+        sys::set_pid_namespace_for_children(self.own.as_fd())
+    }
+}
+
 /// Whether runs can have private mounts (a mount namespace with tmpfs mounts, see
 /// [`sys::PrivateMounts`]): a short-lived `/bin/sh` is started with the same entry a run's
 /// process has, minus everything else.
 pub fn can_make_private_mounts() -> io::Result<()> {
     let dir = tempfile::tempdir()?;
+    let mounts = sys::PrivateMounts::new(dir.path(), None, 1 << 20, 0)?;
+    probe_entry(mounts, None, ":")
+}
+
+/// Whether runs can have PID namespaces: a short-lived `/bin/sh` is started as a run's process
+/// would be, and checks that it is pid 2 in its own /proc.
+pub fn can_make_pid_namespaces(pid: &PidNamespaces) -> io::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mounts = sys::PrivateMounts::new(dir.path(), None, 1 << 20, 0)?.with_proc(0);
+    probe_entry(
+        mounts,
+        Some(pid),
+        "read me rest < /proc/self/stat && [ $$ = 2 ] && [ \"$me\" = 2 ]",
+    )
+}
+
+fn probe_entry(
+    mounts: sys::PrivateMounts,
+    pid: Option<&PidNamespaces>,
+    script: &str,
+) -> io::Result<()> {
     let mut command = std::process::Command::new("/bin/sh");
     command
-        .args(["-c", ":"])
+        .args(["-c", script])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -84,12 +207,20 @@ pub fn can_make_private_mounts() -> io::Result<()> {
             cgroup_procs: Vec::new(),
             netns: None,
             private_namespaces: false,
-            mounts: Some(sys::PrivateMounts::new(dir.path(), None, 1 << 20, 0)?),
+            mounts: Some(mounts),
             landlock: false,
             filters: std::sync::Arc::new(Vec::new()),
         },
     );
-    let status = command.status()?;
+    let status = match pid {
+        Some(pid) => {
+            let (init, status) = pid.spawn_in_new(|| command.spawn())?;
+            let status = status.wait_with_output().map(|o| o.status);
+            init.kill_and_reap()?;
+            status?
+        }
+        None => command.status()?,
+    };
     if status.success() {
         Ok(())
     } else {

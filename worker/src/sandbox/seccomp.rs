@@ -9,9 +9,10 @@
 //!   namespace flags, `sendto` without a destination address.
 //! - A few return `ENOSYS` instead of `EPERM`, so that libraries fall back to what is allowed:
 //!   `clone3` (glibc then uses `clone`, whose flags the filter can read) and `io_uring_*`.
-//! - The zygote's copy also allows [`ENTRY`] (`unshare` of a UTS, an IPC and a mount namespace,
-//!   `sethostname`, `mount`), which a warm child needs to enter its sandbox; each child then adds
-//!   [`compile_entry_closed`], so a run's code never has them.
+//! - The zygote's copy also allows [`ENTRY`] (`unshare` of a UTS, an IPC, a mount and a PID
+//!   namespace, `setns` of a PID namespace, `sethostname`, `mount`), which the zygote needs to
+//!   fork a warm child into its PID namespace and the child to enter its sandbox; each child
+//!   then adds [`compile_entry_closed`], so a run's code never has them.
 //!
 //! The calls listed cover CPython, numpy, sympy, threads, subprocesses, `multiprocessing`, the
 //! dynamic loader of a fresh interpreter, a warm child's own entry into its sandbox (set*id,
@@ -374,21 +375,33 @@ pub const POLICY: &[Allowed] = &[
 pub const PRIVATE_NAMESPACES: libc::c_int =
     libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNS;
 
-/// Allowed to the zygote and to its children until they have entered their sandbox: a warm child
-/// makes its own UTS, IPC and mount namespaces, names its host and mounts its tmpfs, under the
-/// filter it inherited. Each
-/// child then adds [`compile_entry_closed`], which refuses these again, before any run's code.
+/// Allowed to the zygote and to its children until they have entered their sandbox: the zygote
+/// forks each warm child into a PID namespace made for it, and a warm child makes its own UTS,
+/// IPC and mount namespaces, names its host and mounts its tmpfs and /proc, under the filter it
+/// inherited. Each child then adds [`compile_entry_closed`], which refuses these again, before
+/// any run's code.
 pub const ENTRY: &[Allowed] = &[
     Allowed {
-        reason: "a warm child's own UTS, IPC and mount namespaces, made as it enters its sandbox",
+        reason: "a warm child's own UTS, IPC and mount namespaces, made as it enters its \
+                 sandbox, and the runs' PID namespaces, made by the zygote's helper",
         calls: &[("unshare", libc::SYS_unshare)],
         when: Condition::FlagsWithin {
             arg: 0,
-            allowed: PRIVATE_NAMESPACES as u64,
+            allowed: (PRIVATE_NAMESPACES | libc::CLONE_NEWPID) as u64,
+        },
+    },
+    Allowed {
+        reason: "the zygote forks a warm child into the PID namespace made for it, then \
+                 returns to its own",
+        calls: &[("setns", libc::SYS_setns)],
+        when: Condition::IntEq {
+            arg: 1,
+            value: libc::CLONE_NEWPID as u32,
         },
     },
     always(
-        "a warm child names the host of its UTS namespace, and mounts its private tmpfs",
+        "a warm child names the host of its UTS namespace, and mounts its private tmpfs and \
+         /proc",
         &[
             ("sethostname", libc::SYS_sethostname),
             ("mount", libc::SYS_mount),

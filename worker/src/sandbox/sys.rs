@@ -23,6 +23,9 @@ pub struct PrivateMounts {
     tmpfs: Vec<(std::ffi::CString, std::ffi::CString)>,
     /// Landlock rights to grant on each mount (see `LandlockPolicy::mount_access`).
     landlock_access: u64,
+    /// Whether to mount a procfs of the process's own PID namespace on `/proc`, and the
+    /// Landlock rights to grant on it.
+    proc: Option<u64>,
 }
 
 impl PrivateMounts {
@@ -50,7 +53,15 @@ impl PrivateMounts {
                 (c(b"/dev/shm")?, c(shared.as_bytes())?),
             ],
             landlock_access,
+            proc: None,
         })
+    }
+
+    /// Also mounts a procfs on `/proc`, for a process that is in a PID namespace of its own:
+    /// it then shows that namespace's processes only. `landlock_access` is granted on it.
+    pub fn with_proc(mut self, landlock_access: u64) -> Self {
+        self.proc = Some(landlock_access);
+        self
     }
 }
 
@@ -97,8 +108,9 @@ pub enum Entry {
     /// now, signal mask and handlers are reset here, and the process is made non-dumpable (exec
     /// would have reset that from the file's permissions).
     Forked {
-        /// The zygote's pid: a child whose parent is already gone exits instead of running.
-        parent: i32,
+        /// A pidfd of the zygote ([`own_pidfd`]): a child whose parent is already gone exits
+        /// instead of running. (Its parent's pid says nothing in a PID namespace of its own.)
+        parent: RawFd,
     },
 }
 
@@ -226,6 +238,19 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
                     .into(),
                 )?;
             }
+            if mounts.proc.is_some() {
+                // Mounted by a process of the new PID namespace, it shows that namespace.
+                check(
+                    libc::mount(
+                        c"proc".as_ptr(),
+                        c"/proc".as_ptr(),
+                        c"proc".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                        std::ptr::null(),
+                    )
+                    .into(),
+                )?;
+            }
             if let Some((workdir, _)) = mounts.tmpfs.first() {
                 check(libc::chdir(workdir.as_ptr()).into())?;
             }
@@ -242,17 +267,6 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
         for (i, &(_, target)) in plan.fds.iter().enumerate() {
             check(libc::dup2(copies[i], target).into())?;
         }
-        // Every other inherited descriptor goes, whatever flags it was opened with.
-        let flags = match plan.entry {
-            Entry::BeforeExec => libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
-            Entry::Forked { .. } => 0,
-        };
-        check(libc::syscall(
-            libc::SYS_close_range,
-            first_free as libc::c_uint,
-            libc::c_uint::MAX,
-            flags,
-        ))?;
 
         // Own session and process group: the whole tree can be killed with kill(-pid).
         check(libc::setsid().into())?;
@@ -278,21 +292,42 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0).into())?;
         if let Entry::Forked { parent } = plan.entry {
             // The parent may have died before the line above took effect.
-            if libc::getppid() != parent {
+            if has_exited(parent) {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
+        }
+        // Every other inherited descriptor goes, whatever flags it was opened with (the
+        // parent's pidfd among them).
+        let flags = match plan.entry {
+            Entry::BeforeExec => libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+            Entry::Forked { .. } => 0,
+        };
+        check(libc::syscall(
+            libc::SYS_close_range,
+            first_free as libc::c_uint,
+            libc::c_uint::MAX,
+            flags,
+        ))?;
+        if let Entry::Forked { .. } = plan.entry {
             // No core dumps and no ptrace or /proc access to this process by its own uid.
             check(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0).into())?;
         }
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())?;
         if plan.landlock {
-            // Rules on the mount points would not reach the tmpfs mounted on them: rules for
-            // the mounts themselves, added to the ruleset before it is enforced.
-            for (target, _) in plan.mounts.iter().flat_map(|m| &m.tmpfs) {
+            // Rules on the mount points would not reach the file systems mounted on them:
+            // rules for the mounts themselves, added to the ruleset before it is enforced.
+            let mounted = plan.mounts.iter().flat_map(|m| {
+                let tmpfs = m
+                    .tmpfs
+                    .iter()
+                    .map(|(target, _)| (target.as_c_str(), m.landlock_access));
+                tmpfs.chain(m.proc.map(|access| (c"/proc", access)))
+            });
+            for (target, access) in mounted {
                 let fd = libc::open(target.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
                 check(fd.into())?;
                 let rule = LandlockPathBeneath {
-                    allowed_access: plan.mounts.as_ref().map_or(0, |m| m.landlock_access),
+                    allowed_access: access,
                     parent_fd: fd,
                 };
                 let added = libc::syscall(
@@ -320,6 +355,21 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Whether the process of `pidfd` has ended (without waiting).
+///
+/// # Safety
+/// Async-signal-safe; `pidfd` must be a pidfd.
+unsafe fn has_exited(pidfd: RawFd) -> bool {
+    let mut poll = libc::pollfd {
+        fd: pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout. A pidfd polls readable once its process has ended.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready != 0
 }
 
 /// Unblocks every signal and restores default handling, as a fresh interpreter would start,
@@ -557,4 +607,88 @@ pub fn reap_orphans(keep: &std::collections::HashSet<i32>) {
             }
         }
     }
+}
+
+/// A pidfd of this process, at a descriptor number of at least 16 (above every number an
+/// [`EntryPlan`] installs), close-on-exec.
+pub fn own_pidfd() -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes integers and returns a new descriptor, owned here.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0 as libc::c_uint) };
+    check(fd)?;
+    // SAFETY: pidfd_open succeeded, so `fd` is open and owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: fcntl duplicates an open descriptor into a new one, owned here.
+    let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 16) };
+    check(high.into())?;
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(high) })
+}
+
+/// Makes the calling thread's next children start in a new PID namespace; the thread itself
+/// stays in its own. The first child becomes the namespace's init.
+pub fn unshare_pid_namespace() -> io::Result<()> {
+    // SAFETY: unshare takes an integer.
+    check(unsafe { libc::unshare(libc::CLONE_NEWPID) }.into())
+}
+
+/// Makes the calling thread's next children start in the PID namespace `namespace` (the
+/// thread's own, or one nested in it).
+pub fn set_pid_namespace_for_children(namespace: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: setns takes a borrowed, open descriptor and an integer.
+    check(unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWPID) }.into())
+}
+
+/// Forks the init of the PID namespace the calling thread's children start in (after
+/// [`unshare_pid_namespace`]) and returns its pid. The init holds the namespace open and does
+/// nothing else: it dies with this process (`parent` is this process's pidfd), is killed by it
+/// with SIGKILL (the only signal an init without handlers receives), and then the kernel kills
+/// every process left in the namespace.
+pub fn fork_init(parent: BorrowedFd<'_>) -> io::Result<i32> {
+    let parent = parent.as_raw_fd();
+    // SAFETY: the child runs `init`, which makes only async-signal-safe system calls and never
+    // returns, so the state of other threads copied by fork (locks, allocator) is never touched.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above, in the freshly forked child.
+        unsafe { init(parent) }
+    }
+    check(pid.into())?;
+    Ok(pid)
+}
+
+/// The life of a namespace's init; never returns.
+///
+/// # Safety
+/// Only in a freshly forked child: it closes every descriptor.
+unsafe fn init(parent: RawFd) -> ! {
+    // SAFETY: plain system calls on integers and on local, initialised values.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if has_exited(parent) {
+            libc::_exit(0);
+        }
+        libc::syscall(
+            libc::SYS_close_range,
+            0 as libc::c_uint,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        );
+        // The run's orphans are reparented here; ignoring SIGCHLD has the kernel reap them, so
+        // they do not count against the run's process limit as zombies.
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = libc::SIG_IGN;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGCHLD, &action, std::ptr::null_mut());
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        loop {
+            libc::pause();
+        }
+    }
+}
+
+/// Sends SIGKILL to process `pid` (a child of this process, so its pid cannot have been reused).
+pub fn kill_process(pid: i32) {
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
 }

@@ -60,6 +60,13 @@ pub struct SpawnSpec {
     /// The Landlock rights the child grants itself on those mounts (0 without Landlock).
     #[serde(default)]
     pub landlock_mount_access: u64,
+    /// Whether the child is forked into a PID namespace of its own (as pid 2, after an init)
+    /// and mounts its /proc; it needs `private_mounts`.
+    #[serde(default)]
+    pub pid_namespace: bool,
+    /// The Landlock rights the child grants itself on its /proc (0 without Landlock).
+    #[serde(default)]
+    pub landlock_proc_access: u64,
 }
 
 /// A message from the zygote to the worker.
@@ -241,6 +248,8 @@ mod tests {
             private_namespaces: true,
             private_mounts: Some(1 << 20),
             landlock_mount_access: 0,
+            pid_namespace: true,
+            landlock_proc_access: 0,
         });
         send(&a, &request, &[r.as_raw_fd(), w.as_raw_fd()]).unwrap();
         let (got, fds): (Request, _) = receive(&b).unwrap().unwrap();

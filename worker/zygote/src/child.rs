@@ -14,16 +14,17 @@ use pyrunner_worker::zygote::protocol::{JobHeader, SpawnSpec, ENTRY_FAILED};
 use seccompiler::BpfProgram;
 
 use crate::ffi::{self, Interpreter};
+use crate::server::Forking;
 
 /// Runs the child's life and ends the process; never returns.
-pub fn run(
-    interpreter: &Interpreter,
-    spec: &SpawnSpec,
-    fds: Vec<OwnedFd>,
-    zygote: i32,
-    entry_closed: &Arc<Vec<BpfProgram>>,
-) -> ! {
-    let code = match serve(interpreter, spec, fds, zygote, entry_closed) {
+pub fn run(forking: &Forking<'_>, spec: &SpawnSpec, fds: Vec<OwnedFd>) -> ! {
+    let code = match serve(
+        forking.interpreter,
+        spec,
+        fds,
+        forking.pid_namespaces.pidfd(),
+        forking.entry_closed,
+    ) {
         Ok(code) => code,
         Err(error) => {
             let _ = writeln!(io::stderr(), "pyrunner-zygote: warm child failed: {error}");
@@ -37,7 +38,7 @@ fn serve(
     interpreter: &Interpreter,
     spec: &SpawnSpec,
     fds: Vec<OwnedFd>,
-    zygote: i32,
+    zygote: RawFd,
     entry_closed: &Arc<Vec<BpfProgram>>,
 ) -> Result<i32, String> {
     if fds.len() != pyrunner_worker::zygote::protocol::SPAWN_FDS + usize::from(spec.landlock) {
@@ -50,7 +51,13 @@ fn serve(
         mounts: spec
             .private_mounts
             .map(|size| {
-                PrivateMounts::new(&spec.workdir, spec.ids, size, spec.landlock_mount_access)
+                let mounts =
+                    PrivateMounts::new(&spec.workdir, spec.ids, size, spec.landlock_mount_access)?;
+                Ok::<_, io::Error>(if spec.pid_namespace {
+                    mounts.with_proc(spec.landlock_proc_access)
+                } else {
+                    mounts
+                })
             })
             .transpose()
             .map_err(|e| format!("cannot prepare the mounts: {e}"))?,

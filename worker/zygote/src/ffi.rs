@@ -198,6 +198,29 @@ pub fn fork() -> io::Result<Forked> {
     }
 }
 
+/// Forks the zygote before the interpreter is initialised (for its PID namespace helper).
+pub fn fork_small() -> io::Result<Forked> {
+    // SAFETY: called before the interpreter starts, while the zygote has a single thread, so
+    // the child inherits no lock held by another thread.
+    match unsafe { libc::fork() } {
+        0 => Ok(Forked::Child),
+        pid if pid > 0 => Ok(Forked::Parent(pid)),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Readies the PID namespace helper, just forked by [`fork_small`]: it dies with the zygote,
+/// and drops the zygote's control socket, which is not its to use.
+pub fn enter_helper(zygote: i32) -> io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    if nix::unistd::getppid().as_raw() != zygote {
+        return Err(io::Error::other("the zygote has gone"));
+    }
+    // SAFETY: the helper never uses the control socket, and nothing in it owns the descriptor.
+    drop(unsafe { OwnedFd::from_raw_fd(CONTROL_FD) });
+    Ok(())
+}
+
 /// Puts this freshly forked child into its sandbox.
 pub fn enter_sandbox(plan: &sys::EntryPlan) -> io::Result<()> {
     // SAFETY: called once, in a child just forked from the single-threaded zygote, with a plan

@@ -6,6 +6,7 @@
 //! - [`arena`]: the region the preload's object arenas are carved from, so that they can be
 //!   moved to huge pages. These two are the crate's only `unsafe`.
 //! - [`server`]: the single-threaded loop serving the worker's requests and reaping children.
+//! - [`inits`]: the small helper, forked first, that makes the runs' PID namespaces.
 //! - [`child`]: a warm child's life, from its sandbox to `_exit`.
 //!
 //! The worker starts this binary with its end of the control socket as descriptor 3 and the
@@ -15,6 +16,7 @@
 pub mod arena;
 pub mod child;
 pub mod ffi;
+pub mod inits;
 pub mod server;
 
 use std::path::PathBuf;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
+use pyrunner_worker::sandbox::namespaces::PidNamespaces;
 use pyrunner_worker::sandbox::seccomp;
 use pyrunner_worker::zygote::protocol::{self, Event};
 use seccompiler::BpfProgram;
@@ -48,19 +51,25 @@ pub fn run(args: &Args) -> ExitCode {
     let started = Instant::now();
     let control = ffi::control_socket();
     let ready = prepare(args, started);
-    let (interpreter, entry_closed) = match ready {
-        Ok((interpreter, entry_closed, event)) => {
-            if protocol::send(&control, &event, &[]).is_err() {
+    let prepared = match ready {
+        Ok(prepared) => {
+            if protocol::send(&control, &prepared.event, &[]).is_err() {
                 return ExitCode::FAILURE;
             }
-            (interpreter, entry_closed)
+            prepared
         }
         Err(error) => {
             let _ = protocol::send(&control, &Event::Failed { error }, &[]);
             return ExitCode::FAILURE;
         }
     };
-    match server::serve(&interpreter, &entry_closed, control) {
+    let forking = server::Forking {
+        interpreter: &prepared.interpreter,
+        entry_closed: &prepared.entry_closed,
+        pid_namespaces: &prepared.pid_namespaces,
+        inits: prepared.inits,
+    };
+    match server::serve(&forking, control) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("pyrunner-zygote: {error}");
@@ -69,14 +78,38 @@ pub fn run(args: &Args) -> ExitCode {
     }
 }
 
-/// The interpreter, the filter each child adds once in its sandbox, and the ready message.
-type Prepared = (ffi::Interpreter, Arc<Vec<BpfProgram>>, Event);
+/// What the zygote has made ready before it serves.
+struct Prepared {
+    interpreter: ffi::Interpreter,
+    /// The filter each child adds once in its sandbox.
+    entry_closed: Arc<Vec<BpfProgram>>,
+    pid_namespaces: PidNamespaces,
+    inits: Result<inits::Inits, String>,
+    /// The ready message.
+    event: Event,
+}
 
 fn prepare(args: &Args, started: Instant) -> Result<Prepared, String> {
     // Terminal signals meant for the worker's group are not for the zygote; it ends when its
     // socket closes.
     let _ = nix::unistd::setsid();
     ffi::become_child_subreaper().map_err(|e| format!("cannot become a subreaper: {e}"))?;
+    // The runs' seccomp filter, on the zygote itself: every child inherits it through the fork
+    // (installing it per child would compile it to BPF each time), and the zygote, which needs
+    // none of the calls it denies, is held to it too. It allows what the zygote needs to fork a
+    // child into its PID namespace and a child to enter its sandbox; each child then adds the
+    // small program that closes those calls, compiled here once.
+    let entry_closed = seccomp::compile_entry_closed().map_err(|e| e.to_string())?;
+    let filters = seccomp::compile_for_zygote().map_err(|e| e.to_string())?;
+    // Before the interpreter, while the zygote is small: the helper that makes the runs' PID
+    // namespaces (where the worker asks for none, it only waits).
+    let inits = inits::Inits::start(&filters);
+    if let Err(error) = &inits {
+        eprintln!("pyrunner-zygote: {error}");
+    }
+    // The children check through it that the zygote is alive (pidfd_open is not allowed later).
+    let pid_namespaces =
+        PidNamespaces::open().map_err(|e| format!("cannot open the PID namespace: {e}"))?;
     let preload: Vec<String> = args
         .preload
         .iter()
@@ -102,13 +135,6 @@ fn prepare(args: &Args, started: Instant) -> Result<Prepared, String> {
              that for numpy)"
         ));
     }
-    // The runs' seccomp filter, on the zygote itself: every child inherits it through the fork
-    // (installing it per child would compile it to BPF each time), and the zygote, which needs
-    // none of the calls it denies, is held to it too. It allows what a child needs to enter its
-    // sandbox (its UTS and IPC namespaces); each child then adds the small program that closes
-    // those calls, compiled here once.
-    let entry_closed = seccomp::compile_entry_closed().map_err(|e| e.to_string())?;
-    let filters = seccomp::compile_for_zygote().map_err(|e| e.to_string())?;
     for filter in &filters {
         seccompiler::apply_filter(filter)
             .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
@@ -120,5 +146,11 @@ fn prepare(args: &Args, started: Instant) -> Result<Prepared, String> {
         huge_pages_mib,
         arena_mib,
     };
-    Ok((loaded.interpreter, Arc::new(vec![entry_closed]), event))
+    Ok(Prepared {
+        interpreter: loaded.interpreter,
+        entry_closed: Arc::new(vec![entry_closed]),
+        pid_namespaces,
+        inits,
+        event,
+    })
 }
