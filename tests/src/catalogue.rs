@@ -641,6 +641,20 @@ pub fn hostile() -> Vec<Case> {
             RunStatus::Success,
             |r| assert_eq!(r.stdout, "0\nnone there\n"),
         ),
+        // A CPU quota per slot: a run's processes together get one core, whatever their
+        // number. Two spinning for 0.6 s would use 1.2 s of CPU on two free cores.
+        case(
+            "two processes spinning share the run's one core",
+            "import os, time\nr, w = os.pipe()\npids = []\n\
+             for _ in range(2):\n    pid = os.fork()\n    if pid == 0:\n        \
+             end = time.monotonic() + 0.6\n        while time.monotonic() < end:\n            \
+             pass\n        os.write(w, b'%f ' % time.process_time())\n        os._exit(0)\n    \
+             pids.append(pid)\n\
+             for pid in pids:\n    os.waitpid(pid, 0)\n\
+             used = sum(float(t) for t in os.read(r, 100).split())\nprint(used < 0.85, used > 0.4)",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "True True\n", "{r:#?}"),
+        ),
         case(
             "kill(-1) reaches only the run's own processes",
             "import os, signal, subprocess\np = subprocess.Popen(['sleep', '30'])\n\

@@ -421,6 +421,7 @@ async fn isolation_reports_every_layer_and_each_result_names_its_own() {
         "ipc_namespace",
         "mount_namespace",
         "pid_namespace",
+        "cgroup_cpu",
         "rlimits",
         "no_new_privs",
     ] {

@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use crate::executor::Executor;
 use crate::runtime::{PythonRuntime, RuntimeError};
+use crate::sandbox::cgroup::CgroupLimits;
 use crate::sandbox::{self, Sandbox, SandboxError, SandboxSettings};
 use crate::slots::{SlotError, SlotPool};
 use crate::warm_pool::{WarmError, WarmPool, WarmPoolSettings};
@@ -45,6 +46,10 @@ pub struct ExecutorArgs {
     /// Most processes and threads one run may have.
     #[arg(long, env = "PYRUNNER_MAX_PROCESSES", default_value_t = 64)]
     pub max_processes: u64,
+    /// Most cores one run's processes and threads may use together (a cgroup CPU quota per
+    /// slot, where the host has the cpu controller); 0 for none.
+    #[arg(long, env = "PYRUNNER_CPUS_PER_RUN", default_value_t = 1.0)]
+    pub cpus_per_run: f64,
     /// Largest file one run may write, in MiB.
     #[arg(long, env = "PYRUNNER_MAX_FILE_MB", default_value_t = 64)]
     pub max_file_mb: u64,
@@ -86,7 +91,7 @@ pub struct ExecutorArgs {
     /// Isolation layers runs must get: without any of them the worker (or the embedded api)
     /// refuses to start (comma-separated; `GET /isolation` lists the names). The default holds
     /// on any Linux host; a deployment adds what its hosts are set up for, such as
-    /// `landlock,network_namespace,uid_per_slot,cgroup_memory,cgroup_pids`.
+    /// `landlock,network_namespace,pid_namespace,uid_per_slot,cgroup_memory,cgroup_pids`.
     #[arg(
         long,
         env = "PYRUNNER_REQUIRE_LAYERS",
@@ -172,7 +177,10 @@ impl ExecutorArgs {
                 slot_count,
                 self.sandbox_uid_base,
                 &self.slot_lock_dir,
-                Some(self.max_processes),
+                Some(CgroupLimits {
+                    max_processes: self.max_processes,
+                    cpus: (self.cpus_per_run > 0.0).then_some(self.cpus_per_run),
+                }),
             )?
         } else {
             SlotPool::new(slot_count)

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
-use crate::sandbox::cgroup::{CgroupError, SlotCgroups};
+use crate::sandbox::cgroup::{CgroupError, CgroupLimits, SlotCgroups};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How many uids past the base are tried when claiming slot uids.
@@ -69,15 +69,15 @@ impl SlotPool {
     }
 
     /// A pool of `size` slots, each with a uid of its own claimed from `base` upwards through
-    /// lock files in `lock_dir`, and, when `max_processes` is given and the host has them,
-    /// cgroups of its own limited to that many processes.
+    /// lock files in `lock_dir`, and, when `limits` are given and the host has them, cgroups
+    /// of its own with those limits.
     pub fn with_uids(
         size: usize,
         base: u32,
         lock_dir: &Path,
-        max_processes: Option<u64>,
+        limits: Option<CgroupLimits>,
     ) -> Result<Self, SlotError> {
-        let cgroup_limit = max_processes.filter(|_| SlotCgroups::available());
+        let cgroup_limit = limits.filter(|_| SlotCgroups::available());
         std::fs::create_dir_all(lock_dir).map_err(|source| SlotError::LockDir {
             path: lock_dir.to_path_buf(),
             source,
@@ -92,7 +92,7 @@ impl SlotPool {
             };
             if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 let cgroups = cgroup_limit
-                    .map(|max| SlotCgroups::create(uid, max))
+                    .map(|limits| SlotCgroups::create(uid, limits))
                     .transpose()?;
                 states.push(SlotState {
                     uid: Some(uid),
@@ -132,6 +132,16 @@ impl SlotPool {
     /// Whether runs get cgroups of their own.
     pub fn has_cgroups(&self) -> bool {
         self.states.iter().all(|s| s.cgroups.is_some())
+    }
+
+    /// The CPU quota of every slot, in cores, where all of them have one.
+    pub fn cpu_quota(&self) -> Option<f64> {
+        let quotas: Option<Vec<f64>> = self
+            .states
+            .iter()
+            .map(|s| s.cgroups.as_ref().and_then(SlotCgroups::cpu_quota))
+            .collect();
+        quotas.and_then(|q| q.first().copied())
     }
 
     /// Slots not in use right now.

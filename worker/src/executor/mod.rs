@@ -250,6 +250,19 @@ impl Executor {
         };
         set("cgroup_memory", cgroups.clone());
         set("cgroup_pids", cgroups);
+        set(
+            "cgroup_cpu",
+            match self.slots.cpu_quota() {
+                Some(cpus) => LayerStatus::active(format!(
+                    "cgroup v1, one per slot: a run's processes together use at most {cpus} \
+                     cores"
+                )),
+                None => LayerStatus::inactive(
+                    "no quota asked for (PYRUNNER_CPUS_PER_RUN=0), no writable cgroup v1 cpu \
+                     hierarchy, or the worker is not root",
+                ),
+            },
+        );
         // Every layer decided neither here nor by the sandbox is one this version lacks.
         for (name, _) in isolation::LAYERS {
             report

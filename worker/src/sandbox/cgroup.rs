@@ -1,9 +1,11 @@
 //! Per-slot control groups: one memory cgroup and one pids cgroup for each run slot, so that a
 //! run's limits hold for all of its processes together (rlimits hold per process only: a run
-//! forking 64 processes could otherwise use 64 times its memory limit).
+//! forking 64 processes could otherwise use 64 times its memory limit), and, where the host has
+//! the controller, one cpu cgroup with a quota, so that a run's processes and threads together
+//! use at most so many cores.
 //!
-//! This version uses the cgroup v1 `memory` and `pids` hierarchies, where this kind of host
-//! keeps its limit controllers. The child joins its slot's cgroups between fork and exec, by
+//! This version uses the cgroup v1 `memory`, `pids` and `cpu` hierarchies, where this kind of
+//! host keeps its limit controllers. The child joins its slot's cgroups between fork and exec, by
 //! writing `0` (itself) to each `cgroup.procs`. A slot's cgroups are reused run after run: the
 //! memory limit is set and the peak counter reset before each run.
 
@@ -34,11 +36,26 @@ pub enum CgroupError {
     },
 }
 
-/// The memory and pids cgroups of one slot.
+/// The period of the CPU quota, in microseconds: the kernel's default, short enough that a run
+/// over its quota waits at most this long.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// What a slot's cgroups limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CgroupLimits {
+    /// Most processes and threads of a run.
+    pub max_processes: u64,
+    /// Most cores a run's processes may use together; `None` for no quota.
+    pub cpus: Option<f64>,
+}
+
+/// The memory, pids and (where the host has it) cpu cgroups of one slot.
 #[derive(Debug)]
 pub struct SlotCgroups {
     memory: PathBuf,
     pids: PathBuf,
+    /// The cpu cgroup, where the host has a writable cpu hierarchy and a quota is asked for.
+    cpu: Option<PathBuf>,
     /// The memory limit last written, in bytes (0 before the first): most runs of a slot have
     /// the same limit, and each write is a file operation on the request path.
     memory_limit: AtomicU64,
@@ -88,8 +105,15 @@ impl SlotCgroups {
         })
     }
 
-    /// Creates (or reuses) the cgroups of the slot with `uid`, with at most `max_processes`.
-    pub fn create(uid: u32, max_processes: u64) -> Result<Self, CgroupError> {
+    /// Whether this host has a writable v1 cpu hierarchy with CFS quotas.
+    pub fn cpu_available() -> bool {
+        let dir = Path::new(V1_ROOT).join("cpu");
+        dir.join("cpu.cfs_quota_us").is_file()
+            && nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
+    }
+
+    /// Creates (or reuses) the cgroups of the slot with `uid`, with `limits`.
+    pub fn create(uid: u32, limits: CgroupLimits) -> Result<Self, CgroupError> {
         let root = Path::new(V1_ROOT);
         let name = format!("uid-{uid}");
         let make = |controller: &str| -> Result<PathBuf, CgroupError> {
@@ -100,12 +124,26 @@ impl SlotCgroups {
             })?;
             Ok(path)
         };
+        let cpu = match limits.cpus {
+            Some(cpus) if Self::cpu_available() => {
+                let cpu = make("cpu")?;
+                let quota = ((cpus * CPU_PERIOD_US as f64) as u64).max(1000);
+                write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                Some(cpu)
+            }
+            _ => None,
+        };
         let groups = Self {
             memory: make("memory")?,
             pids: make("pids")?,
+            cpu,
             memory_limit: AtomicU64::new(0),
         };
-        write(&groups.pids.join("pids.max"), &max_processes.to_string())?;
+        write(
+            &groups.pids.join("pids.max"),
+            &limits.max_processes.to_string(),
+        )?;
         // Kill on OOM rather than pause the run (the default, but a host may have changed it).
         let _ = fs::write(groups.memory.join("memory.oom_control"), "0");
         Ok(groups)
@@ -113,21 +151,29 @@ impl SlotCgroups {
 
     /// The `cgroup.procs` files a child writes itself into, as C strings ready before fork.
     pub fn procs_files(&self) -> Vec<CString> {
-        [&self.memory, &self.pids]
+        self.procs_paths()
             .iter()
-            .map(|dir| {
-                CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
-                    .expect("cgroup paths have no NUL byte")
+            .map(|path| {
+                CString::new(path.as_os_str().as_bytes()).expect("cgroup paths have no NUL byte")
             })
             .collect()
     }
 
     /// The `cgroup.procs` files to join, as paths.
     pub fn procs_paths(&self) -> Vec<PathBuf> {
-        [&self.memory, &self.pids]
-            .iter()
+        [Some(&self.memory), Some(&self.pids), self.cpu.as_ref()]
+            .into_iter()
+            .flatten()
             .map(|dir| dir.join("cgroup.procs"))
             .collect()
+    }
+
+    /// The CPU quota of the slot, in cores, if it has a cpu cgroup.
+    pub fn cpu_quota(&self) -> Option<f64> {
+        let cpu = self.cpu.as_ref()?;
+        let quota = read_u64(&cpu.join("cpu.cfs_quota_us"))?;
+        let period = read_u64(&cpu.join("cpu.cfs_period_us"))?;
+        Some(quota as f64 / period as f64)
     }
 
     /// Whether no process is left in the slot (its pids cgroup counts none).
