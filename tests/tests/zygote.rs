@@ -94,6 +94,50 @@ async fn a_dead_warm_child_is_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pid_namespace_helper_takes_its_zygote_and_both_are_replaced() {
+    let (executor, _root) = started(&zygote_args(1)).await;
+    let first = zygotes();
+    // The helper is the zygote's only child that keeps root's uid.
+    let zygote = first[0];
+    let helper = std::fs::read_to_string(format!("/proc/{zygote}/task/{zygote}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .find(|&p| pyrunner_tests::procfs::uid(p) == Some(0))
+        .expect("a helper");
+    kill(helper);
+    // The helper's inits die with it, and with each init its namespace: the waiting child
+    // too. A run meanwhile ends killed or internal_error, none hangs; the next spawn finds the
+    // helper gone, the zygote ends with its last child, and a new pair serves the next runs.
+    let mut served = None;
+    for _ in 0..10 {
+        let r = executor
+            .run(&job("print(6 * 7)", None, limits(None, None)))
+            .await;
+        if r.status == RunStatus::Success && zygotes() != first {
+            served = Some(r);
+            break;
+        }
+        assert!(
+            matches!(
+                r.status,
+                RunStatus::Success | RunStatus::InternalError | RunStatus::Killed
+            ),
+            "{r:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let served = served.expect("a new zygote serves runs");
+    assert_eq!(served.stdout, "42\n");
+    let now = zygotes();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert!(
+        pyrunner_tests::procfs::comm(helper).is_none(),
+        "the old helper is still there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_zygote_is_recycled_after_its_runs() {
     let mut args = zygote_args(1);
     args.zygote_max_runs = 3;

@@ -1,7 +1,8 @@
 //! The namespaces of runs.
 //!
-//! Each run makes its own UTS and IPC namespaces as it enters its sandbox (`sys::enter`); here
-//! the worker only checks, at start, that it may.
+//! Each run makes its own UTS, IPC and mount namespaces as it enters its sandbox
+//! (`sys::enter`); here the worker only checks, at start, that it may. Each run is also born in
+//! a PID namespace of its own, with an init ([`PidNamespaces`]).
 //!
 //! The network namespace is shared: one per worker, made at start, with no interface but the
 //! loopback every namespace has, which stays down. A run there has no route anywhere, and the

@@ -72,16 +72,17 @@ impl Inits {
         }
     }
 
-    /// A new PID namespace with its init.
-    pub fn make(&self) -> Result<RunNamespace, String> {
-        let failed = |e: ProtocolError| format!("the PID namespace helper: {e}");
-        protocol::send(&self.socket, &MakeNamespace, &[]).map_err(failed)?;
-        match protocol::receive::<Made>(&self.socket).map_err(failed)? {
-            Some((Made::Namespace { init }, mut fds)) if fds.len() == 1 => Ok(RunNamespace {
+    /// A new PID namespace with its init. `Ok(Err(_))`: this one could not be made;
+    /// `Err(_)`: the helper is gone or broken, and no other will be.
+    pub fn make(&self) -> Result<Result<RunNamespace, String>, String> {
+        let broken = |e: ProtocolError| format!("the PID namespace helper: {e}");
+        protocol::send(&self.socket, &MakeNamespace, &[]).map_err(broken)?;
+        match protocol::receive::<Made>(&self.socket).map_err(broken)? {
+            Some((Made::Namespace { init }, mut fds)) if fds.len() == 1 => Ok(Ok(RunNamespace {
                 init,
                 namespace: fds.remove(0),
-            }),
-            Some((Made::Failed { error }, _)) => Err(error),
+            })),
+            Some((Made::Failed { error }, _)) => Ok(Err(error)),
             Some(_) => Err("the PID namespace helper sent no namespace".into()),
             None => Err("the PID namespace helper has gone".into()),
         }

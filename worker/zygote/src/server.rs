@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use crate::child;
 use crate::ffi::{self, Interpreter};
-use crate::inits::{Inits, RunNamespace};
+use crate::inits::Inits;
 
 /// The loop cannot go on.
 #[derive(Debug, Error)]
@@ -32,6 +32,8 @@ pub enum ServerError {
     Protocol(#[from] ProtocolError),
     #[error("cannot return to the zygote's own PID namespace: {0}")]
     PidNamespace(std::io::Error),
+    #[error("{0}")]
+    Inits(String),
 }
 
 /// What the zygote keeps of a child until it has reaped it.
@@ -71,6 +73,9 @@ pub fn serve(forking: &Forking<'_>, control: OwnedFd) -> Result<(), ServerError>
         .map_err(ServerError::Signals)?;
     // Children not reaped yet, by pid.
     let mut children: HashMap<i32, Child> = HashMap::new();
+    // Why the zygote forks no more children and ends with its last one (the worker then
+    // starts a new zygote): its PID namespace helper is gone.
+    let mut draining: Option<String> = None;
     let result = loop {
         let mut fds = [
             PollFd::new(control.as_fd(), PollFlags::POLLIN),
@@ -87,13 +92,37 @@ pub fn serve(forking: &Forking<'_>, control: OwnedFd) -> Result<(), ServerError>
             while let Ok(Some(_)) = signals.read_signal() {}
             reap(&mut children, &control);
         }
+        if draining.is_some() && children.is_empty() {
+            break Ok(());
+        }
         if !request_ready {
             continue;
         }
         match protocol::receive::<Request>(&control) {
             Ok(Some((Request::Spawn(spec), fds))) => {
                 let token = spec.token;
-                match spawn(forking, &spec, fds)? {
+                let spawned = match &draining {
+                    Some(why) => Ok(Err(why.clone())),
+                    None => spawn(forking, &spec, fds),
+                };
+                let spawned = match spawned {
+                    Err(ServerError::Inits(why)) => {
+                        eprintln!("pyrunner-zygote: {why}; ending with the last child");
+                        let why = format!("{why}; the zygote is being replaced");
+                        draining = Some(why.clone());
+                        if children.is_empty() {
+                            let _ = protocol::send(
+                                &control,
+                                &Event::SpawnFailed { token, error: why },
+                                &[],
+                            );
+                            break Ok(());
+                        }
+                        Ok(Err(why))
+                    }
+                    other => other,
+                };
+                match spawned? {
                     Ok((pid, init)) => {
                         children.insert(pid, Child { token, init });
                     }
@@ -135,8 +164,9 @@ fn spawn(
     fds: Vec<OwnedFd>,
 ) -> Result<Result<(i32, Option<i32>), String>, ServerError> {
     let namespace = if spec.pid_namespace {
+        // A helper that is gone takes the zygote with it: the worker then starts a new pair.
         let made = match &forking.inits {
-            Ok(inits) => inits.make(),
+            Ok(inits) => inits.make().map_err(ServerError::Inits)?,
             Err(why) => Err(format!("no PID namespaces: {why}")),
         };
         match made {
@@ -145,11 +175,6 @@ fn spawn(
         }
     } else {
         None
-    };
-    let kill_init = |namespace: &Option<RunNamespace>| {
-        if let Some(namespace) = namespace {
-            sys::kill_process(namespace.init);
-        }
     };
     if let Some(namespace) = &namespace {
         if let Err(error) = forking
@@ -178,7 +203,9 @@ fn spawn(
         Ok(ffi::Forked::Parent(pid)) => Ok(Ok((pid, namespace.map(|n| n.init)))),
         Ok(ffi::Forked::Child) => unreachable!("the child runs and exits above"),
         Err(error) => {
-            kill_init(&namespace);
+            if let Some(namespace) = &namespace {
+                sys::kill_process(namespace.init);
+            }
             Ok(Err(error.to_string()))
         }
     }
