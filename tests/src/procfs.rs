@@ -52,11 +52,22 @@ pub fn is_named(pid: Option<u32>, name: &str) -> bool {
     pid.and_then(comm).is_some_and(|c| c == name)
 }
 
-/// The children of `parent` named `name`.
+/// Whether `pid` has ended and waits to be reaped.
+pub fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat[stat.rfind(')')? + 2..].starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// The living children of `parent` named `name` (not those that have ended and wait to be
+/// reaped).
 pub fn children_named(parent_pid: u32, name: &str) -> Vec<u32> {
     pids()
         .into_iter()
-        .filter(|&pid| parent(pid) == Some(parent_pid) && is_named(Some(pid), name))
+        .filter(|&pid| {
+            parent(pid) == Some(parent_pid) && is_named(Some(pid), name) && !is_zombie(pid)
+        })
         .collect()
 }
 

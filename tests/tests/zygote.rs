@@ -28,6 +28,14 @@ async fn started(args: &ExecutorArgs) -> (Executor, tempfile::TempDir) {
     (executor.start(false).await.unwrap(), root)
 }
 
+/// The zygote's children: its PID namespace helper, which keeps root's uid, and its warm
+/// children.
+fn helper_and_warm(zygote: u32) -> (Vec<u32>, Vec<u32>) {
+    pyrunner_tests::procfs::children_named(zygote, "pyrunner-zygote")
+        .into_iter()
+        .partition(|&p| pyrunner_tests::procfs::uid(p) == Some(0))
+}
+
 fn kill(pid: u32) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
@@ -72,16 +80,8 @@ async fn a_dead_zygote_fails_its_runs_and_is_replaced() {
 async fn a_dead_warm_child_is_replaced() {
     let (executor, _root) = started(&zygote_args(1)).await;
     for _ in 0..3 {
-        // The slot's waiting child is the zygote's only child but its PID namespace helper,
-        // which keeps root's uid.
-        let zygote = zygotes()[0];
-        let children = std::fs::read_to_string(format!("/proc/{zygote}/task/{zygote}/children"))
-            .unwrap_or_default();
-        let warm: Vec<u32> = children
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .filter(|&p| pyrunner_tests::procfs::uid(p) != Some(0))
-            .collect();
+        // The slot's waiting child is the zygote's only warm child.
+        let (_, warm) = helper_and_warm(zygotes()[0]);
         assert_eq!(warm.len(), 1, "{warm:?}");
         kill(warm[0]);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -97,14 +97,9 @@ async fn a_dead_warm_child_is_replaced() {
 async fn a_dead_pid_namespace_helper_takes_its_zygote_and_both_are_replaced() {
     let (executor, _root) = started(&zygote_args(1)).await;
     let first = zygotes();
-    // The helper is the zygote's only child that keeps root's uid.
-    let zygote = first[0];
-    let helper = std::fs::read_to_string(format!("/proc/{zygote}/task/{zygote}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .find(|&p| pyrunner_tests::procfs::uid(p) == Some(0))
-        .expect("a helper");
+    let (helpers, _) = helper_and_warm(first[0]);
+    assert_eq!(helpers.len(), 1, "{helpers:?}");
+    let helper = helpers[0];
     kill(helper);
     // The helper's inits die with it, and with each init its namespace: the waiting child
     // too. A run meanwhile ends killed or internal_error, none hangs; the next spawn finds the

@@ -49,7 +49,8 @@ pub struct WarmPoolSettings {
     pub private_namespaces: bool,
     /// The size of each private tmpfs of a child, where children get a mount namespace.
     pub private_mounts: Option<u64>,
-    /// Whether each child is forked into a PID namespace of its own (it needs the mounts).
+    /// Whether each child is forked into a PID namespace of its own (the sandbox offers it only
+    /// with the mount namespace, where its /proc is mounted).
     pub pid_namespace: bool,
 }
 
@@ -205,8 +206,7 @@ impl WarmPool {
                 .landlock
                 .as_ref()
                 .map_or(0, LandlockPolicy::mount_access),
-            pid_namespace: self.inner.settings.pid_namespace
-                && self.inner.settings.private_mounts.is_some(),
+            pid_namespace: self.inner.settings.pid_namespace,
             landlock_proc_access: self
                 .inner
                 .settings

@@ -215,8 +215,8 @@ fn probe_entry(
     );
     let status = match pid {
         Some(pid) => {
-            let (init, status) = pid.spawn_in_new(|| command.spawn())?;
-            let status = status.wait_with_output().map(|o| o.status);
+            let (init, child) = pid.spawn_in_new(|| command.spawn())?;
+            let status = child.wait_with_output().map(|o| o.status);
             init.kill_and_reap()?;
             status?
         }

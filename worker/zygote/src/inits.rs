@@ -52,9 +52,6 @@ impl Inits {
     /// Forks the helper; call it while the zygote is small and single-threaded. The helper
     /// installs `filters` on itself.
     pub fn start(filters: &[BpfProgram]) -> Result<Self, String> {
-        // Opened before the filter, which does not allow pidfd_open.
-        let pid_namespaces =
-            PidNamespaces::open().map_err(|e| format!("cannot open the PID namespace: {e}"))?;
         let (zygote_end, helper_end) = nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::SeqPacket,
@@ -66,7 +63,7 @@ impl Inits {
         match ffi::fork_small().map_err(|e| format!("cannot fork the helper: {e}"))? {
             ffi::Forked::Child => {
                 drop(zygote_end);
-                ffi::exit_now(serve(zygote, &pid_namespaces, filters, helper_end))
+                ffi::exit_now(serve(zygote, filters, helper_end))
             }
             ffi::Forked::Parent(_) => Ok(Self { socket: zygote_end }),
         }
@@ -90,16 +87,16 @@ impl Inits {
 }
 
 /// The helper's life: answers requests until the zygote closes its end; returns the exit code.
-fn serve(
-    zygote: i32,
-    pid_namespaces: &PidNamespaces,
-    filters: &[BpfProgram],
-    socket: OwnedFd,
-) -> i32 {
-    if let Err(error) = ffi::enter_helper(zygote) {
-        eprintln!("pyrunner-zygote: the PID namespace helper cannot start: {error}");
-        return 1;
-    }
+fn serve(zygote: i32, filters: &[BpfProgram], socket: OwnedFd) -> i32 {
+    // The helper's own pidfd, with which its inits check that it is alive, opened before the
+    // filter, which does not allow pidfd_open.
+    let pid_namespaces = match ffi::enter_helper(zygote).and_then(|()| PidNamespaces::open()) {
+        Ok(pid_namespaces) => pid_namespaces,
+        Err(error) => {
+            eprintln!("pyrunner-zygote: the PID namespace helper cannot start: {error}");
+            return 1;
+        }
+    };
     for filter in filters {
         if let Err(error) = seccompiler::apply_filter(filter) {
             eprintln!("pyrunner-zygote: the PID namespace helper has no filter: {error}");

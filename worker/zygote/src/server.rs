@@ -77,6 +77,9 @@ pub fn serve(forking: &Forking<'_>, control: OwnedFd) -> Result<(), ServerError>
     // starts a new zygote): its PID namespace helper is gone.
     let mut draining: Option<String> = None;
     let result = loop {
+        if draining.is_some() && children.is_empty() {
+            break Ok(());
+        }
         let mut fds = [
             PollFd::new(control.as_fd(), PollFlags::POLLIN),
             PollFd::new(signals.as_fd(), PollFlags::POLLIN),
@@ -92,9 +95,6 @@ pub fn serve(forking: &Forking<'_>, control: OwnedFd) -> Result<(), ServerError>
             while let Ok(Some(_)) = signals.read_signal() {}
             reap(&mut children, &control);
         }
-        if draining.is_some() && children.is_empty() {
-            break Ok(());
-        }
         if !request_ready {
             continue;
         }
@@ -102,27 +102,18 @@ pub fn serve(forking: &Forking<'_>, control: OwnedFd) -> Result<(), ServerError>
             Ok(Some((Request::Spawn(spec), fds))) => {
                 let token = spec.token;
                 let spawned = match &draining {
-                    Some(why) => Ok(Err(why.clone())),
-                    None => spawn(forking, &spec, fds),
-                };
-                let spawned = match spawned {
-                    Err(ServerError::Inits(why)) => {
-                        eprintln!("pyrunner-zygote: {why}; ending with the last child");
-                        let why = format!("{why}; the zygote is being replaced");
-                        draining = Some(why.clone());
-                        if children.is_empty() {
-                            let _ = protocol::send(
-                                &control,
-                                &Event::SpawnFailed { token, error: why },
-                                &[],
-                            );
-                            break Ok(());
+                    Some(why) => Err(why.clone()),
+                    None => match spawn(forking, &spec, fds) {
+                        Err(ServerError::Inits(why)) => {
+                            eprintln!("pyrunner-zygote: {why}; ending with the last child");
+                            let why = format!("{why}; the zygote is being replaced");
+                            draining = Some(why.clone());
+                            Err(why)
                         }
-                        Ok(Err(why))
-                    }
-                    other => other,
+                        other => other?,
+                    },
                 };
-                match spawned? {
+                match spawned {
                     Ok((pid, init)) => {
                         children.insert(pid, Child { token, init });
                     }
