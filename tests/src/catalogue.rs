@@ -367,6 +367,17 @@ fn denied(r: &RunResult) {
     assert_eq!(exception(r), "PermissionError", "{r:#?}");
 }
 
+/// A path of the host a run must not reach: absent from its view of the filesystem, refused
+/// by Landlock where it has no view, or on a read-only mount.
+fn out_of_reach(r: &RunResult) {
+    let refused = match exception(r) {
+        "PermissionError" | "FileNotFoundError" => true,
+        "OSError" => r.stderr.contains("Read-only file system"),
+        _ => false,
+    };
+    assert!(refused, "{r:#?}");
+}
+
 /// A snippet that calls a system call through ctypes and prints the errno it failed with.
 macro_rules! syscall_errno {
     ($nr:expr, $args:expr) => {
@@ -460,6 +471,15 @@ pub fn hostile() -> Vec<Case> {
             |r| assert_eq!(r.stdout, "-1 Operation not permitted\n"),
         ),
         case(
+            "joining a mount namespace (what a warm child does to copy the view)",
+            concat!(
+                "import os\nfd = os.open('/proc/self/ns/mnt', os.O_RDONLY)\n",
+                syscall_errno!("308", ", fd, 0x20000")
+            ),
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "-1 Operation not permitted\n"),
+        ),
+        case(
             "moving its children into another PID namespace (what the zygote may do)",
             concat!(
                 "import os\nfd = os.open('/proc/self/ns/pid', os.O_RDONLY)\n",
@@ -477,18 +497,46 @@ pub fn hostile() -> Vec<Case> {
             assert!(uid >= 64_000, "{}", r.stdout);
             assert!(r.stdout.trim_end().ends_with("[]"), "{}", r.stdout);
         }),
-        case("reading /etc/shadow", "open('/etc/shadow').read()", RunStatus::Error, denied),
+        case("reading /etc/shadow", "open('/etc/shadow').read()", RunStatus::Error, out_of_reach),
         // Pid 1 is the init of the run's PID namespace, a root process; without that namespace
         // it would be the host's init.
         case("reading pid 1's environment", "open('/proc/1/environ').read()", RunStatus::Error, denied),
-        case("writing outside the working directory", "open('/etc/pyrunner-test', 'w')", RunStatus::Error, denied),
+        case("writing outside the working directory", "open('/etc/pyrunner-test', 'w')", RunStatus::Error, |r| {
+            out_of_reach(r);
+            assert!(!std::path::Path::new("/etc/pyrunner-test").exists(), "it reached the host's /etc");
+        }),
         case("writing in the working directory", "open('f.txt', 'w').write('x'); print(open('f.txt').read())", RunStatus::Success, |r| {
             assert_eq!(r.stdout, "x\n")
         }),
-        // Landlock: only the run's directory is writable, and only the runtime, the system's
-        // libraries and programs and a few files of /etc are readable, whatever the uid allows.
-        case("writing to /tmp", "open('/tmp/pyrunner-left-behind', 'w')", RunStatus::Error, denied),
-        // A mount namespace per run: its directory and /dev/shm are tmpfs of its own.
+        // A mount namespace per run: a read-only view of what it needs, in which its directory,
+        // /tmp and /dev/shm are tmpfs of its own. Landlock: only those are writable, and only
+        // the runtime, the system's libraries and programs and a few files of /etc are
+        // readable, whatever the uid allows.
+        case(
+            "a file in /tmp stays in the run",
+            "open('/tmp/pyrunner-left-behind', 'w').write('x'); print(open('/tmp/pyrunner-left-behind').read())",
+            RunStatus::Success,
+            |r| {
+                assert_eq!(r.stdout, "x\n");
+                assert!(!std::path::Path::new("/tmp/pyrunner-left-behind").exists(), "it reached the host's /tmp");
+            },
+        ),
+        case(
+            "the host's files are not in the run's view",
+            "import os\n\
+             paths = ['/etc/passwd', '/etc/shadow', '/etc/hostname', '/root', '/home', '/var/log', '/var/lib/dpkg', '/run', \
+                      '/srv', '/opt', '/mnt', '/boot', '/dev/log', '/dev/pts', '/dev/kmsg', '/dev/tty', '/dev/console', \
+                      '/dev/vda', '/dev/mem', '/dev/fuse', '/dev/net', '/sys/fs/cgroup', '/sys/kernel', '/sys/class']\n\
+             print([p for p in paths if os.path.lexists(p)])",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "[]\n", "{r:#?}"),
+        ),
+        case(
+            "the view is read-only, and the run works in /work",
+            "import os\nprint(os.getcwd(), [bool(os.statvfs(p).f_flag & os.ST_RDONLY) for p in ('/', '/usr', '.', '/tmp')])",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "/work [True, True, False, False]\n"),
+        ),
         case(
             "a file in /dev/shm stays in the run",
             "open('/dev/shm/pyrunner-left-behind', 'w').write('x'); print(open('/dev/shm/pyrunner-left-behind').read())",
@@ -510,13 +558,13 @@ pub fn hostile() -> Vec<Case> {
             RunStatus::Error,
             |r| assert!(r.stderr.contains("No space left on device"), "{r:#?}"),
         ),
-        case("writing to /var/tmp", "open('/var/tmp/pyrunner-left-behind', 'w')", RunStatus::Error, denied),
+        case("writing to /var/tmp", "open('/var/tmp/pyrunner-left-behind', 'w')", RunStatus::Error, out_of_reach),
         case("multiprocessing pools work (their semaphores live in /dev/shm)",
             "import multiprocessing as m\nwith m.Pool(2) as p:\n    print(p.map(abs, [-1, -2]))",
             RunStatus::Success, |r| assert_eq!(r.stdout, "[1, 2]\n")),
-        case("reading /etc/passwd", "open('/etc/passwd').read()", RunStatus::Error, denied),
+        case("reading /etc/passwd", "open('/etc/passwd').read()", RunStatus::Error, out_of_reach),
         case("listing /etc", "import os; os.listdir('/etc')", RunStatus::Error, denied),
-        case("reading a host file through a symlink", "import os; os.symlink('/etc/hostname', 'h'); open('h').read()", RunStatus::Error, denied),
+        case("reading a host file through a symlink", "import os; os.symlink('/etc/hostname', 'h'); open('h').read()", RunStatus::Error, out_of_reach),
         case("writing /dev/null and reading the runtime still work",
             "import os, sys\nopen(os.devnull, 'w').write('x')\nprint(os.path.isfile(sys.executable), len(os.urandom(4)))",
             RunStatus::Success, |r| assert_eq!(r.stdout, "True 4\n")),

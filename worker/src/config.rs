@@ -211,7 +211,9 @@ impl ExecutorArgs {
                         recycle_after: Duration::from_secs(self.zygote_max_age_secs.max(1)),
                         landlock: sandbox.landlock().cloned(),
                         private_namespaces: sandbox.private_namespaces(),
-                        private_mounts: sandbox.private_mounts(),
+                        private_mounts: sandbox
+                            .private_mounts()
+                            .map(|(view, size)| (view.clone(), size)),
                         pid_namespace: sandbox.pid_namespaces().is_some(),
                     },
                     settings,

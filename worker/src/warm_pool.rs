@@ -22,9 +22,10 @@ use tokio::net::unix::pipe;
 
 use crate::runtime::PythonRuntime;
 use crate::sandbox::landlock::LandlockPolicy;
+use crate::sandbox::rootfs::RootView;
 use crate::sandbox::{rlimits, sys, SandboxError, SandboxSettings};
 use crate::slots::Slot;
-use crate::workdir::{make_workdir, WorkdirError};
+use crate::workdir::{make_workdir, RunDir, WorkdirError};
 use crate::zygote::protocol::{SpawnSpec, ENTRY_FAILED, READY};
 use crate::zygote::{ChildHandle, Zygote, ZygoteError, ZygoteInfo, ZygoteSettings};
 
@@ -47,8 +48,9 @@ pub struct WarmPoolSettings {
     pub landlock: Option<LandlockPolicy>,
     /// Whether each child makes private UTS and IPC namespaces.
     pub private_namespaces: bool,
-    /// The size of each private tmpfs of a child, where children get a mount namespace.
-    pub private_mounts: Option<u64>,
+    /// The view each child gets a private copy of, and the size of each of its tmpfs, where
+    /// children get a mount namespace.
+    pub private_mounts: Option<(RootView, u64)>,
     /// Whether each child is forked into a PID namespace of its own (the sandbox offers it only
     /// with the mount namespace, where its /proc is mounted).
     pub pid_namespace: bool,
@@ -103,7 +105,7 @@ pub struct WarmChild {
     pub stderr: OwnedFd,
     pub code: OwnedFd,
     pub report: pipe::Receiver,
-    pub workdir: tempfile::TempDir,
+    pub workdir: RunDir,
 }
 
 impl WarmPool {
@@ -184,7 +186,10 @@ impl WarmPool {
 
     async fn spawn_for(&self, slot: &Slot) -> Result<WarmChild, WarmError> {
         let zygote = self.zygote().await?;
-        let workdir = make_workdir(&self.inner.work_root, slot.uid())?;
+        let workdir = match self.inner.settings.private_mounts {
+            Some(_) => RunDir::Private,
+            None => RunDir::Host(make_workdir(&self.inner.work_root, slot.uid())?),
+        };
         let pipe = || sys::pipe().map_err(WarmError::Pipe);
         let (stdin_r, stdin_w) = pipe()?;
         let (stdout_r, stdout_w) = pipe()?;
@@ -199,7 +204,12 @@ impl WarmPool {
             rlimits: rlimits::for_pool(&self.inner.sandbox),
             landlock: false,
             private_namespaces: self.inner.settings.private_namespaces,
-            private_mounts: self.inner.settings.private_mounts,
+            private_mounts: self
+                .inner
+                .settings
+                .private_mounts
+                .as_ref()
+                .map(|(_, size)| *size),
             landlock_mount_access: self
                 .inner
                 .settings
@@ -215,7 +225,13 @@ impl WarmPool {
                 .map_or(0, LandlockPolicy::proc_access),
         };
         let ruleset = match &self.inner.settings.landlock {
-            Some(policy) => policy.ruleset(workdir.path()).map_err(SandboxError::from)?,
+            Some(policy) => policy
+                .ruleset(workdir.host_path())
+                .map_err(SandboxError::from)?,
+            None => None,
+        };
+        let view = match &self.inner.settings.private_mounts {
+            Some((view, _)) => Some(view.try_clone_fd().map_err(WarmError::Pipe)?),
             None => None,
         };
         let handle = zygote
@@ -223,6 +239,7 @@ impl WarmPool {
                 spec,
                 [stdin_r, stdout_w, stderr_w, code_r, report_w],
                 ruleset,
+                view,
             )
             .await?;
         let report = pipe::Receiver::from_owned_fd(report_r).map_err(WarmError::Pipe)?;

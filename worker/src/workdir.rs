@@ -1,5 +1,6 @@
-//! A run's working directory: fresh, with a random name, private to the run's uid, and removed
-//! when its guard drops.
+//! A run's working directory: a tmpfs of its own where runs get a mount namespace; else a
+//! fresh directory on the host, with a random name, private to the run's uid, and removed when
+//! its guard drops.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -18,6 +19,41 @@ pub enum WorkdirError {
         uid: u32,
         source: nix::Error,
     },
+}
+
+/// Where a run works.
+#[derive(Debug)]
+pub enum RunDir {
+    /// A private directory on the host's filesystem, removed when this drops.
+    Host(tempfile::TempDir),
+    /// A tmpfs of the run's own, mounted in its mount namespace at
+    /// [`RUN_DIR`](crate::sandbox::rootfs::RUN_DIR); it goes with the namespace.
+    Private,
+}
+
+impl RunDir {
+    /// The directory's path, as the run sees it.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Host(dir) => dir.path(),
+            Self::Private => Path::new(crate::sandbox::rootfs::RUN_DIR),
+        }
+    }
+
+    /// The directory's path on the host, where it has one.
+    pub fn host_path(&self) -> Option<&Path> {
+        match self {
+            Self::Host(dir) => Some(dir.path()),
+            Self::Private => None,
+        }
+    }
+
+    /// Whether the run left nothing in a directory on the host (one of its own has gone with
+    /// its namespace).
+    pub fn is_empty(&self) -> bool {
+        self.host_path()
+            .is_none_or(|dir| std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()))
+    }
 }
 
 /// A private working directory under `root` for a run of `uid` (mode 0700, owned by the uid

@@ -2,7 +2,6 @@
 //! pays for the interpreter start and every import; it needs nothing but the runtime.
 
 use std::os::fd::OwnedFd;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,12 +14,12 @@ use super::{ExecError, Executor, Finished, HARNESS, REPORT_MAX_BYTES};
 use crate::reaper;
 use crate::sandbox::sys;
 use crate::slots::Slot;
-use crate::workdir::make_workdir;
+use crate::workdir::RunDir;
 
 impl Executor {
     pub(super) async fn run_fresh(&self, slot: &Slot, job: &Job) -> Result<Finished, ExecError> {
         let setup_started = Instant::now();
-        let workdir = make_workdir(&self.work_root, slot.uid())?;
+        let workdir = self.sandbox.run_dir(&self.work_root, slot.uid())?;
         let (code_read, code_write) = sys::pipe().map_err(ExecError::Pipe)?;
         let (report_read, report_write) = sys::pipe().map_err(ExecError::Pipe)?;
 
@@ -28,14 +27,13 @@ impl Executor {
             .cgroups()
             .map(|c| c.prepare(job.limits.memory_bytes()))
             .transpose()?;
-        let ruleset = self.sandbox.landlock_ruleset(workdir.path())?;
-        let mut command = self.command(workdir.path(), job.stdin.is_some());
+        let ruleset = self.sandbox.landlock_ruleset(&workdir)?;
+        let mut command = self.command(&workdir, job.stdin.is_some());
         let setup = setup_started.elapsed();
         let started = Instant::now();
         let (mut child, init) = reaper::spawn_leader(|| {
             self.sandbox.spawn(
                 &mut command,
-                workdir.path(),
                 &job.limits,
                 slot.uid(),
                 slot.cgroups(),
@@ -124,16 +122,16 @@ impl Executor {
         })
     }
 
-    fn command(&self, workdir: &Path, with_stdin: bool) -> Command {
+    fn command(&self, workdir: &RunDir, with_stdin: bool) -> Command {
         let mut command = Command::new(self.runtime.python());
+        command.arg("-I").arg("-B").arg("-c").arg(HARNESS);
+        // A directory of the run's own is mounted, and entered, as it enters its sandbox.
+        if let Some(dir) = workdir.host_path() {
+            command.current_dir(dir);
+        }
         command
-            .arg("-I")
-            .arg("-B")
-            .arg("-c")
-            .arg(HARNESS)
-            .current_dir(workdir)
             .env_clear()
-            .envs(self.runtime.env(workdir))
+            .envs(self.runtime.env(workdir.path()))
             .stdin(if with_stdin {
                 Stdio::piped()
             } else {

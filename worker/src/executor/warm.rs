@@ -191,7 +191,7 @@ impl Executor {
         pool: WarmPool,
         slot: Slot,
         exiting: Option<(Arc<Zygote>, ChildHandle)>,
-        workdir: Option<tempfile::TempDir>,
+        workdir: Option<crate::workdir::RunDir>,
     ) {
         tokio::spawn(async move {
             if let Some((zygote, mut child)) = exiting {
@@ -208,9 +208,9 @@ impl Executor {
             // With a pids cgroup, an empty one proves that nothing was left behind.
             let leftovers = slot.cgroups().is_none_or(|c| !c.is_empty());
             let kill = slot.uid().filter(|_| leftovers);
-            let empty_dir = workdir.as_ref().is_none_or(|dir| {
-                std::fs::read_dir(dir.path()).is_ok_and(|mut d| d.next().is_none())
-            });
+            let empty_dir = workdir
+                .as_ref()
+                .is_none_or(crate::workdir::RunDir::is_empty);
             if kill.is_none() && empty_dir {
                 // The usual case: nothing left running and nothing written, so no need for a
                 // thread of the blocking pool (the switch costs more than the removal).

@@ -102,7 +102,7 @@ impl LandlockPolicy {
             mount_access: AccessFs::from_all(ABI::from(sys::landlock_abi()).min(ABI_TARGET)).bits(),
         };
         // A ruleset that cannot be made here never will be: say so once, at start.
-        policy.ruleset(runtime_root)?;
+        policy.ruleset(Some(runtime_root))?;
         Ok(policy)
     }
 
@@ -118,14 +118,15 @@ impl LandlockPolicy {
         AccessFs::from_read(ABI::V1).bits()
     }
 
-    /// A ruleset for a run working in `workdir`, ready to enforce. `None` where the kernel has
+    /// A ruleset for a run working in `workdir` (none for a run whose directory is a tmpfs of
+    /// its own, which it grants itself), ready to enforce. `None` where the kernel has
     /// no Landlock (it cannot happen after a successful [`probe`](Self::probe) on the same
     /// host, but the kernel decides).
     ///
     /// Landlock does not apply a rule on a mount point to what is mounted there: a run that
     /// mounts its own tmpfs (on `workdir`, on /dev/shm) adds rules for them itself, with
     /// [`mount_access`](Self::mount_access), before it enforces the ruleset.
-    pub fn ruleset(&self, workdir: &Path) -> Result<Option<OwnedFd>, RulesetError> {
+    pub fn ruleset(&self, workdir: Option<&Path>) -> Result<Option<OwnedFd>, RulesetError> {
         let fixed = self
             .fixed
             .iter()
@@ -140,10 +141,7 @@ impl LandlockPolicy {
             .scope(Scope::from_all(ABI_TARGET))?
             .create()?
             .add_rules(fixed)?
-            .add_rules(path_beneath_rules(
-                [workdir],
-                AccessFs::from_all(ABI_TARGET),
-            ))?;
+            .add_rules(path_beneath_rules(workdir, AccessFs::from_all(ABI_TARGET)))?;
         Ok(created.into())
     }
 }

@@ -1,7 +1,8 @@
 //! The sandbox a run's Python process starts in: its slot's cgroups, an empty network namespace,
-//! private UTS, IPC, mount and PID namespaces (its own tmpfs for its directory and /dev/shm, its
-//! own /proc), its own session and process group, resource limits, an unprivileged uid per run
-//! slot, `no_new_privs`, a Landlock ruleset and a seccomp allowlist.
+//! private UTS, IPC, mount and PID namespaces (a copy of a read-only view of only what it
+//! needs, with its own tmpfs for its directory, /tmp and /dev/shm, and its own /proc), its own
+//! session and process group, resource limits, an unprivileged uid per run slot,
+//! `no_new_privs`, a Landlock ruleset and a seccomp allowlist.
 //!
 //! No user namespace yet; docs/SECURITY.md says what this leaves open.
 
@@ -9,6 +10,7 @@ pub mod cgroup;
 pub mod landlock;
 pub mod namespaces;
 pub mod rlimits;
+pub mod rootfs;
 pub mod seccomp;
 pub mod sys;
 
@@ -79,8 +81,9 @@ pub struct Sandbox {
     landlock: Result<landlock::LandlockPolicy, String>,
     /// Whether each run gets private UTS and IPC namespaces.
     private_namespaces: Result<(), String>,
-    /// Whether each run gets a mount namespace with private tmpfs mounts.
-    private_mounts: Result<(), String>,
+    /// The read-only view of the filesystem that each run gets a private copy of, with tmpfs
+    /// mounts of its own.
+    private_mounts: Result<rootfs::RootView, String>,
     /// Where each run gets a PID namespace (with its own /proc, in its mount namespace).
     pid_namespaces: Result<Arc<namespaces::PidNamespaces>, String>,
 }
@@ -91,17 +94,21 @@ impl Sandbox {
     /// allows it; see [`namespaces`] and [`landlock`]).
     pub fn new(settings: SandboxSettings, runtime_dir: &Path) -> Result<Self, SandboxError> {
         let private_mounts = probed(
-            namespaces::can_make_private_mounts(),
-            "runs share the host's /dev/shm and their directory has no size cap",
+            rootfs::RootView::build(runtime_dir).and_then(|view| {
+                namespaces::can_make_private_mounts(&view)?;
+                Ok(view)
+            }),
+            "runs see the host's filesystem (as far as Landlock lets them) and share its /tmp \
+             and /dev/shm, and their directory has no size cap",
             "cannot make them (they need CAP_SYS_ADMIN and mount)",
         );
         let pid_namespaces = private_mounts
             .as_ref()
             .map_err(|_| "runs have no mount namespace to mount their /proc in".to_owned())
-            .and_then(|()| {
+            .and_then(|view| {
                 probed(
                     namespaces::PidNamespaces::open().and_then(|pid| {
-                        namespaces::can_make_pid_namespaces(&pid)?;
+                        namespaces::can_make_pid_namespaces(&pid, view)?;
                         Ok(Arc::new(pid))
                     }),
                     "runs see the host's processes in /proc and share the worker's PID namespace",
@@ -191,8 +198,9 @@ impl Sandbox {
             (
                 "mount_namespace",
                 status(self.private_mounts.as_ref().map(|_| {
-                    "one per run, with private tmpfs on its directory and /dev/shm; the rest of \
-                     the filesystem is the host's, narrowed by Landlock (/tmp is closed)"
+                    "one per run: a read-only view of the runtime, /usr, two files of /etc, the \
+                     CPU topology and five devices, and nothing else of the host; private tmpfs \
+                     on its directory /work, /tmp and /dev/shm"
                 })),
             ),
             (
@@ -224,12 +232,28 @@ impl Sandbox {
         self.landlock.as_ref().ok()
     }
 
-    /// The size of each private tmpfs of a run, where runs get a mount namespace.
-    pub fn private_mounts(&self) -> Option<u64> {
+    /// The view runs get a private copy of, and the size of each of their tmpfs, where runs
+    /// get a mount namespace.
+    pub fn private_mounts(&self) -> Option<(&rootfs::RootView, u64)> {
         self.private_mounts
             .as_ref()
             .ok()
-            .map(|()| self.settings.max_workdir_bytes)
+            .map(|view| (view, self.settings.max_workdir_bytes))
+    }
+
+    /// The directory a run works in: its own tmpfs at [`rootfs::RUN_DIR`] where runs get a
+    /// mount namespace, else a private directory under `work_root`, made for `uid`.
+    pub fn run_dir(
+        &self,
+        work_root: &Path,
+        uid: Option<u32>,
+    ) -> Result<crate::workdir::RunDir, crate::workdir::WorkdirError> {
+        match self.private_mounts {
+            Ok(_) => Ok(crate::workdir::RunDir::Private),
+            Err(_) => {
+                crate::workdir::make_workdir(work_root, uid).map(crate::workdir::RunDir::Host)
+            }
+        }
     }
 
     /// Whether runs get private UTS and IPC namespaces.
@@ -262,9 +286,12 @@ impl Sandbox {
     }
 
     /// The Landlock ruleset of a run working in `workdir`, where the kernel has Landlock.
-    pub fn landlock_ruleset(&self, workdir: &Path) -> Result<Option<OwnedFd>, SandboxError> {
+    pub fn landlock_ruleset(
+        &self,
+        workdir: &crate::workdir::RunDir,
+    ) -> Result<Option<OwnedFd>, SandboxError> {
         match &self.landlock {
-            Ok(policy) => Ok(policy.ruleset(workdir)?),
+            Ok(policy) => Ok(policy.ruleset(workdir.host_path())?),
             Err(_) => Ok(None),
         }
     }
@@ -278,7 +305,6 @@ impl Sandbox {
     pub fn spawn(
         &self,
         command: &mut Command,
-        workdir: &Path,
         limits: &RunLimits,
         uid: Option<u32>,
         cgroups: Option<&cgroup::SlotCgroups>,
@@ -302,9 +328,9 @@ impl Sandbox {
             private_namespaces: self.private_namespaces(),
             mounts: self
                 .private_mounts()
-                .map(|size| {
+                .map(|(view, size)| {
                     let mounts = sys::PrivateMounts::new(
-                        workdir,
+                        view.fd(),
                         uid.map(|u| (u, u)),
                         size,
                         self.landlock_mount_access(),

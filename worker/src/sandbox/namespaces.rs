@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use nix::sched::CloneFlags;
 
+use super::rootfs::{RootView, RUN_DIR};
 use super::sys;
 
 /// Whether this process may make the private UTS and IPC namespaces of runs: a short-lived
@@ -166,20 +167,22 @@ impl PidNamespaces {
     }
 }
 
-/// Whether runs can have private mounts (a mount namespace with tmpfs mounts, see
+/// Whether runs can have private mounts (a copy of `view` with tmpfs mounts, see
 /// [`sys::PrivateMounts`]): a short-lived `/bin/sh` is started with the same entry a run's
-/// process has, minus everything else.
-pub fn can_make_private_mounts() -> io::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mounts = sys::PrivateMounts::new(dir.path(), None, 1 << 20, 0)?;
-    probe_entry(mounts, None, ":")
+/// process has, minus everything else, and finds its working directory in the view.
+pub fn can_make_private_mounts(view: &RootView) -> io::Result<()> {
+    let mounts = sys::PrivateMounts::new(view.fd(), None, 1 << 20, 0)?;
+    probe_entry(
+        mounts,
+        None,
+        &format!("[ \"$PWD\" = {RUN_DIR} ] && [ -w . ]"),
+    )
 }
 
 /// Whether runs can have PID namespaces: a short-lived `/bin/sh` is started as a run's process
 /// would be, and checks that it is pid 2 in its own /proc.
-pub fn can_make_pid_namespaces(pid: &PidNamespaces) -> io::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mounts = sys::PrivateMounts::new(dir.path(), None, 1 << 20, 0)?.with_proc(0);
+pub fn can_make_pid_namespaces(pid: &PidNamespaces, view: &RootView) -> io::Result<()> {
+    let mounts = sys::PrivateMounts::new(view.fd(), None, 1 << 20, 0)?.with_proc(0);
     probe_entry(
         mounts,
         Some(pid),
@@ -195,6 +198,7 @@ fn probe_entry(
     let mut command = std::process::Command::new("/bin/sh");
     command
         .args(["-c", script])
+        .env_clear()
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());

@@ -36,6 +36,8 @@ pub enum Condition {
     Always,
     /// When the `int` argument `arg` equals `value` (a socket family).
     IntEq { arg: u8, value: u32 },
+    /// When the `int` argument `arg` equals one of `values` (namespace types).
+    IntIn { arg: u8, values: &'static [u32] },
     /// When the pointer argument `arg` is null (all 64 bits).
     NullPointer { arg: u8 },
     /// When argument `arg` has none of the bits of `mask` (namespace flags of `clone`).
@@ -392,11 +394,12 @@ pub const ENTRY: &[Allowed] = &[
     },
     Allowed {
         reason: "the zygote forks a warm child into the PID namespace made for it, then \
-                 returns to its own",
+                 returns to its own; a warm child joins the view of the filesystem it copies \
+                 for its mount namespace",
         calls: &[("setns", libc::SYS_setns)],
-        when: Condition::IntEq {
+        when: Condition::IntIn {
             arg: 1,
-            value: libc::CLONE_NEWPID as u32,
+            values: &[libc::CLONE_NEWPID as u32, libc::CLONE_NEWNS as u32],
         },
     },
     always(
@@ -631,6 +634,17 @@ pub fn compile(policy: &[Allowed]) -> Result<Vec<BpfProgram>, SeccompError> {
                 Condition::Always => continue,
                 Condition::IntEq { arg, value } => {
                     (arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value.into())
+                }
+                Condition::IntIn { arg, values } => {
+                    for &value in values {
+                        chain.push(SeccompRule::new(vec![SeccompCondition::new(
+                            arg,
+                            SeccompCmpArgLen::Dword,
+                            SeccompCmpOp::Eq,
+                            value.into(),
+                        )?])?);
+                    }
+                    continue;
                 }
                 Condition::NullPointer { arg } => {
                     (arg, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)

@@ -17,9 +17,12 @@ use seccompiler::BpfProgram;
 pub const CODE_FD: RawFd = 3;
 /// The descriptor the harness writes its exception report to.
 pub const REPORT_FD: RawFd = 4;
-/// Private tmpfs mounts of a run, with their options, built before the fork.
+/// The mounts of a run: a private copy of the worker's read-only view (`rootfs::RootView`),
+/// with tmpfs of its own on its working directory, `/tmp` and `/dev/shm`, built before the fork.
 #[derive(Debug, Clone)]
 pub struct PrivateMounts {
+    /// The view's mount namespace, to join and copy.
+    view: RawFd,
     tmpfs: Vec<(std::ffi::CString, std::ffi::CString)>,
     /// Landlock rights to grant on each mount (see `LandlockPolicy::mount_access`).
     landlock_access: u64,
@@ -29,28 +32,29 @@ pub struct PrivateMounts {
 }
 
 impl PrivateMounts {
-    /// A tmpfs of `size_bytes` on `workdir` (owned by `ids`, mode 0700), and one on `/dev/shm`
-    /// (mode 1777). `/tmp` keeps the host's (working directories usually live there, and a
-    /// mount on it would hide them); Landlock closes it.
+    /// A copy of the view `view` (a descriptor of its mount namespace) with three tmpfs of
+    /// `size_bytes` each: the working directory [`rootfs::RUN_DIR`](super::rootfs::RUN_DIR)
+    /// (mode 0700, owned by `ids`), `/tmp` and `/dev/shm` (mode 1777).
     pub fn new(
-        workdir: &std::path::Path,
+        view: RawFd,
         ids: Option<(u32, u32)>,
         size_bytes: u64,
         landlock_access: u64,
     ) -> io::Result<Self> {
-        use std::os::unix::ffi::OsStrExt;
-        let c = |bytes: &[u8]| {
-            std::ffi::CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+        let c = |text: String| {
+            std::ffi::CString::new(text).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
         };
         let owner = ids.map_or(String::new(), |(uid, gid)| format!(",uid={uid},gid={gid}"));
         let shared = format!("size={size_bytes},mode=1777");
         Ok(Self {
+            view,
             tmpfs: vec![
                 (
-                    c(workdir.as_os_str().as_bytes())?,
-                    c(format!("size={size_bytes},mode=0700{owner}").as_bytes())?,
+                    c(super::rootfs::RUN_DIR.to_owned())?,
+                    c(format!("size={size_bytes},mode=0700{owner}"))?,
                 ),
-                (c(b"/dev/shm")?, c(shared.as_bytes())?),
+                (c("/tmp".to_owned())?, c(shared.clone())?),
+                (c("/dev/shm".to_owned())?, c(shared)?),
             ],
             landlock_access,
             proc: None,
@@ -214,18 +218,11 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
             check(libc::sethostname(HOSTNAME.as_ptr().cast(), HOSTNAME.len()).into())?;
         }
         if let Some(mounts) = &plan.mounts {
+            // Into the view, and at once into a copy of it: nothing is mounted before the
+            // copy, and every mount of the view is private, so nothing mounted here reaches
+            // the view or the host.
+            check(libc::setns(mounts.view, libc::CLONE_NEWNS).into())?;
             check(libc::unshare(libc::CLONE_NEWNS).into())?;
-            // Nothing mounted here may reach the host's mount table.
-            check(
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                )
-                .into(),
-            )?;
             for (target, options) in &mounts.tmpfs {
                 check(
                     libc::mount(

@@ -274,14 +274,21 @@ impl Zygote {
     }
 
     /// Asks for a warm child; `fds` are the child's ends of its stdin, stdout, stderr, code and
-    /// report pipes, which the zygote's child installs as its descriptors 0 to 4, and `ruleset`
-    /// its Landlock ruleset, if any.
+    /// report pipes, which the zygote's child installs as its descriptors 0 to 4, `ruleset`
+    /// its Landlock ruleset, if any, and `view` the view it copies for its mount namespace,
+    /// if it makes one (`spec.private_mounts`).
     pub async fn spawn(
         &self,
         mut spec: SpawnSpec,
         fds: [OwnedFd; SPAWN_FDS],
         ruleset: Option<OwnedFd>,
+        view: Option<OwnedFd>,
     ) -> Result<ChildHandle, ZygoteError> {
+        if spec.private_mounts.is_some() != view.is_some() {
+            return Err(ZygoteError::Unexpected(
+                "a mount namespace needs the view, and only it".to_owned(),
+            ));
+        }
         spec.landlock = ruleset.is_some();
         spec.token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -298,6 +305,7 @@ impl Zygote {
         let raw: Vec<_> = fds
             .iter()
             .chain(&ruleset)
+            .chain(&view)
             .map(|fd| fd.as_raw_fd())
             .collect();
         if let Err(error) = self.send(&Request::Spawn(spec.clone()), &raw).await {

@@ -53,8 +53,8 @@ pub struct SpawnSpec {
     /// Whether the child makes private UTS and IPC namespaces.
     #[serde(default)]
     pub private_namespaces: bool,
-    /// The size of each private tmpfs of the child (its directory, /dev/shm), if it
-    /// makes a mount namespace.
+    /// The size of each private tmpfs of the child (its directory, /tmp, /dev/shm), if it
+    /// makes a mount namespace: a copy of the view, whose descriptor then comes last.
     #[serde(default)]
     pub private_mounts: Option<u64>,
     /// The Landlock rights the child grants itself on those mounts (0 without Landlock).
@@ -210,7 +210,7 @@ pub fn receive<T: for<'de> Deserialize<'de>>(
 ) -> Result<Option<(T, Vec<OwnedFd>)>, ProtocolError> {
     let mut buffer = vec![0u8; MAX_MESSAGE];
     let received =
-        crate::sandbox::sys::receive_with_fds(socket.as_fd(), &mut buffer, SPAWN_FDS + 1)
+        crate::sandbox::sys::receive_with_fds(socket.as_fd(), &mut buffer, SPAWN_FDS + 2)
             .map_err(ProtocolError::Receive)?;
     if received.len == 0 && received.fds.is_empty() {
         return Ok(None);

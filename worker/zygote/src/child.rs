@@ -37,22 +37,32 @@ pub fn run(forking: &Forking<'_>, spec: &SpawnSpec, fds: Vec<OwnedFd>) -> ! {
 fn serve(
     interpreter: &Interpreter,
     spec: &SpawnSpec,
-    fds: Vec<OwnedFd>,
+    mut fds: Vec<OwnedFd>,
     zygote: RawFd,
     entry_closed: &Arc<Vec<BpfProgram>>,
 ) -> Result<i32, String> {
-    if fds.len() != pyrunner_worker::zygote::protocol::SPAWN_FDS + usize::from(spec.landlock) {
+    let expected = pyrunner_worker::zygote::protocol::SPAWN_FDS
+        + usize::from(spec.landlock)
+        + usize::from(spec.private_mounts.is_some());
+    if fds.len() != expected {
         return Err(format!("{} descriptors came with the request", fds.len()));
     }
+    // The view comes last; it is used, not installed, and closed with the rest on entry.
+    let view = spec.private_mounts.and_then(|_| fds.pop());
     let plan = EntryPlan {
         // The zygote already is in the runs' network namespace.
         netns: None,
         private_namespaces: spec.private_namespaces,
         mounts: spec
             .private_mounts
-            .map(|size| {
-                let mounts =
-                    PrivateMounts::new(&spec.workdir, spec.ids, size, spec.landlock_mount_access)?;
+            .zip(view.as_ref())
+            .map(|(size, view)| {
+                let mounts = PrivateMounts::new(
+                    view.as_raw_fd(),
+                    spec.ids,
+                    size,
+                    spec.landlock_mount_access,
+                )?;
                 Ok::<_, io::Error>(if spec.pid_namespace {
                     mounts.with_proc(spec.landlock_proc_access)
                 } else {
@@ -87,7 +97,7 @@ fn serve(
     ffi::enter_sandbox(&plan).map_err(|e| format!("cannot enter the sandbox: {e}"))?;
     // The received descriptors now live on as 0 to 4 and the originals were closed with the
     // rest: their numbers may be reused, so they must not be closed again.
-    for fd in fds {
+    for fd in fds.into_iter().chain(view) {
         let _ = fd.into_raw_fd();
     }
     std::env::set_current_dir(&spec.workdir)
