@@ -19,11 +19,13 @@ async fn every_case_ends_with_its_documented_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_required_layer_that_runs_would_lack_stops_the_start() {
     let mut args = executor_args(1);
-    args.require_layers = vec!["seccomp".into(), "user_namespace".into()];
+    // No CPU quota asked for: the layer is not active.
+    args.cpus_per_run = 0.0;
+    args.require_layers = vec!["seccomp".into(), "cgroup_cpu".into()];
     let error = args.start().await.err().expect("the start is refused");
     let message = error.to_string();
     assert!(
-        message.contains("user_namespace (not in this version)"),
+        message.contains("cgroup_cpu (no quota asked for"),
         "{message}"
     );
     assert!(!message.contains("seccomp"), "{message}");

@@ -199,7 +199,10 @@ async fn readiness_follows_the_workers_and_a_sync_run_without_one_gets_504() {
         report.body["layers"]["landlock"]["active"], true,
         "{report:?}"
     );
-    assert_eq!(report.body["layers"]["user_namespace"]["active"], false);
+    assert_eq!(
+        report.body["layers"]["user_namespace"]["active"], true,
+        "{report:?}"
+    );
     let result = run(&fleet.url, &json!({ "code": "pass" })).await;
     assert_eq!(json!(result.layers), report.body["active"]);
     fleet.stop().await;

@@ -215,6 +215,7 @@ impl ExecutorArgs {
                             .private_mounts()
                             .map(|(view, size)| (view.clone(), size)),
                         pid_namespace: sandbox.pid_namespaces().is_some(),
+                        user_namespace: sandbox.user_namespaces(),
                     },
                     settings,
                     runtime.clone(),

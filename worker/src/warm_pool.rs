@@ -54,6 +54,8 @@ pub struct WarmPoolSettings {
     /// Whether each child is forked into a PID namespace of its own (the sandbox offers it only
     /// with the mount namespace, where its /proc is mounted).
     pub pid_namespace: bool,
+    /// Whether each child with a uid of its own makes a user namespace of its own.
+    pub user_namespace: bool,
 }
 
 /// A warm child could not be had.
@@ -217,6 +219,7 @@ impl WarmPool {
                 .as_ref()
                 .map_or(0, LandlockPolicy::mount_access),
             pid_namespace: self.inner.settings.pid_namespace,
+            user_namespace: self.inner.settings.user_namespace,
             landlock_proc_access: self
                 .inner
                 .settings

@@ -24,6 +24,8 @@ pub enum SubmitError {
 }
 
 /// The backend of an api process.
+// One per process, built once: the size of its larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Backend {
     Fleet(FleetBackend),

@@ -241,6 +241,13 @@ impl Executor {
                 LayerStatus::inactive("the worker is not root: runs keep its uid")
             },
         );
+        if !self.slots.has_uids() {
+            // Made per run, for the run's own uid.
+            set(
+                "user_namespace",
+                LayerStatus::inactive("the worker is not root: runs keep its uid"),
+            );
+        }
         let cgroups = if self.slots.has_cgroups() {
             LayerStatus::active("cgroup v1, one per slot")
         } else {

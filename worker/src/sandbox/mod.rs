@@ -1,10 +1,11 @@
 //! The sandbox a run's Python process starts in: its slot's cgroups, an empty network namespace,
-//! private UTS, IPC, mount and PID namespaces (a copy of a read-only view of only what it
-//! needs, with its own tmpfs for its directory, /tmp and /dev/shm, and its own /proc), its own
-//! session and process group, resource limits, an unprivileged uid per run slot,
+//! private user (mapping only its own uid), UTS, IPC, mount and PID namespaces (a copy of a
+//! read-only view of only what it needs, with its own tmpfs for its directory, /tmp and
+//! /dev/shm, and its own /proc), its own session and process group, resource limits, an unprivileged uid per run slot,
 //! `no_new_privs`, a Landlock ruleset and a seccomp allowlist.
 //!
-//! No user namespace yet; docs/SECURITY.md says what this leaves open.
+//! The worker itself still needs real root for all of it; docs/SECURITY.md says what runs get
+//! without it.
 
 pub mod cgroup;
 pub mod landlock;
@@ -86,6 +87,8 @@ pub struct Sandbox {
     private_mounts: Result<rootfs::RootView, String>,
     /// Where each run gets a PID namespace (with its own /proc, in its mount namespace).
     pid_namespaces: Result<Arc<namespaces::PidNamespaces>, String>,
+    /// Whether each run with a uid of its own gets a user namespace of its own.
+    user_namespaces: Result<(), String>,
 }
 
 impl Sandbox {
@@ -115,6 +118,14 @@ impl Sandbox {
                     "cannot make them (they need CAP_SYS_ADMIN)",
                 )
             });
+        let user_namespaces = match (&private_mounts, &pid_namespaces) {
+            (Ok(view), Ok(pid)) => probed(
+                namespaces::can_make_user_namespaces(pid, view),
+                "runs hold their uid in the host's user namespace",
+                "cannot make them",
+            ),
+            _ => Err("runs have no PID namespace, whose /proc they need to map their uid".into()),
+        };
         let landlock = probed(
             landlock::LandlockPolicy::probe(runtime_dir),
             "no Landlock: runs reach the filesystem as far as their uid allows",
@@ -138,6 +149,7 @@ impl Sandbox {
             private_namespaces,
             private_mounts,
             pid_namespaces,
+            user_namespaces,
         })
     }
 
@@ -211,6 +223,13 @@ impl Sandbox {
                 })),
             ),
             (
+                "user_namespace",
+                status(self.user_namespaces.as_ref().map(|()| {
+                    "one per run, mapping only the run's uid and gid (root and every other uid \
+                     are unmapped); the run holds no capability in it, bounding set included"
+                })),
+            ),
+            (
                 "ipc_namespace",
                 status(self.private_namespaces.as_ref().map(|_| {
                     "one per run (System V IPC and message queues are refused by seccomp too)"
@@ -259,6 +278,11 @@ impl Sandbox {
     /// Whether runs get private UTS and IPC namespaces.
     pub fn private_namespaces(&self) -> bool {
         self.private_namespaces.is_ok()
+    }
+
+    /// Whether each run with a uid of its own gets a user namespace of its own.
+    pub fn user_namespaces(&self) -> bool {
+        self.user_namespaces.is_ok()
     }
 
     /// Where runs get PID namespaces.
@@ -321,6 +345,9 @@ impl Sandbox {
             entry: sys::Entry::BeforeExec,
             rlimits: rlimits::for_run(limits, &self.settings, cgroups.is_some()),
             ids: uid.map(|u| (u, u)),
+            user_namespace: uid
+                .filter(|_| self.user_namespaces())
+                .map(|u| sys::UserNamespace::new(u, u)),
             fds,
             landlock: ruleset.is_some(),
             cgroup_procs: cgroups.map(|c| c.procs_files()).unwrap_or_default(),

@@ -190,9 +190,43 @@ pub fn can_make_pid_namespaces(pid: &PidNamespaces, view: &RootView) -> io::Resu
     )
 }
 
+/// The uid and gid the user namespace probe runs as.
+const PROBE_ID: u32 = 65_534;
+
+/// Whether runs can have user namespaces of their own (they need a PID namespace, for their
+/// own /proc): a short-lived `/bin/sh` takes an unprivileged uid and enters one as a run's
+/// process would, and checks its uid map and that it holds no capability.
+pub fn can_make_user_namespaces(pid: &PidNamespaces, view: &RootView) -> io::Result<()> {
+    let ids = (PROBE_ID, PROBE_ID);
+    let mounts = sys::PrivateMounts::new(view.fd(), Some(ids), 1 << 20, 0)?.with_proc(0);
+    let script = format!(
+        "read inside outside count < /proc/self/uid_map && \
+         [ \"$inside $outside $count\" = \"{PROBE_ID} {PROBE_ID} 1\" ] && \
+         while read key value; do [ \"$key\" != CapBnd: ] || [ \"$value\" = 0000000000000000 ]; \
+         done < /proc/self/status"
+    );
+    probe_entry_as(
+        mounts,
+        Some(pid),
+        Some(ids),
+        Some(sys::UserNamespace::new(PROBE_ID, PROBE_ID)),
+        &script,
+    )
+}
+
 fn probe_entry(
     mounts: sys::PrivateMounts,
     pid: Option<&PidNamespaces>,
+    script: &str,
+) -> io::Result<()> {
+    probe_entry_as(mounts, pid, None, None, script)
+}
+
+fn probe_entry_as(
+    mounts: sys::PrivateMounts,
+    pid: Option<&PidNamespaces>,
+    ids: Option<(u32, u32)>,
+    user_namespace: Option<sys::UserNamespace>,
     script: &str,
 ) -> io::Result<()> {
     let mut command = std::process::Command::new("/bin/sh");
@@ -207,7 +241,8 @@ fn probe_entry(
         sys::EntryPlan {
             entry: sys::Entry::BeforeExec,
             rlimits: Vec::new(),
-            ids: None,
+            ids,
+            user_namespace,
             fds: Vec::new(),
             cgroup_procs: Vec::new(),
             netns: None,

@@ -384,12 +384,12 @@ pub const PRIVATE_NAMESPACES: libc::c_int =
 /// any run's code.
 pub const ENTRY: &[Allowed] = &[
     Allowed {
-        reason: "a warm child's own UTS, IPC and mount namespaces, made as it enters its \
-                 sandbox, and the runs' PID namespaces, made by the zygote's helper",
+        reason: "a warm child's own UTS, IPC, mount and user namespaces, made as it enters \
+                 its sandbox, and the runs' PID namespaces, made by the zygote's helper",
         calls: &[("unshare", libc::SYS_unshare)],
         when: Condition::FlagsWithin {
             arg: 0,
-            allowed: (PRIVATE_NAMESPACES | libc::CLONE_NEWPID) as u64,
+            allowed: (PRIVATE_NAMESPACES | libc::CLONE_NEWPID | libc::CLONE_NEWUSER) as u64,
         },
     },
     Allowed {
@@ -403,11 +403,12 @@ pub const ENTRY: &[Allowed] = &[
         },
     },
     always(
-        "a warm child names the host of its UTS namespace, and mounts its private tmpfs and \
-         /proc",
+        "a warm child names the host of its UTS namespace, mounts its private tmpfs and \
+         /proc, and drops the capabilities it holds in its user namespace",
         &[
             ("sethostname", libc::SYS_sethostname),
             ("mount", libc::SYS_mount),
+            ("capset", libc::SYS_capset),
         ],
     ),
 ];

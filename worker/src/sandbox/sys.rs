@@ -69,6 +69,40 @@ impl PrivateMounts {
     }
 }
 
+/// A user namespace of the run's own, in which only its uid and gid are mapped (to themselves),
+/// with the map lines written before the fork.
+#[derive(Debug, Clone)]
+pub struct UserNamespace {
+    uid_map: Vec<u8>,
+    gid_map: Vec<u8>,
+}
+
+impl UserNamespace {
+    /// The namespace of a run whose process takes `uid` and `gid`.
+    pub fn new(uid: u32, gid: u32) -> Self {
+        Self {
+            uid_map: format!("{uid} {uid} 1\n").into_bytes(),
+            gid_map: format!("{gid} {gid} 1\n").into_bytes(),
+        }
+    }
+}
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
 /// `struct landlock_path_beneath_attr` (packed in the kernel's header).
 #[repr(C, packed)]
 struct LandlockPathBeneath {
@@ -125,6 +159,8 @@ pub struct EntryPlan {
     pub rlimits: Vec<Rlimit>,
     /// Uid and gid to switch to; none keeps the worker's own.
     pub ids: Option<(u32, u32)>,
+    /// A user namespace to make right after the switch to `ids` (and only with them).
+    pub user_namespace: Option<UserNamespace>,
     /// Descriptors to install, as `(open descriptor, number it gets)`; every number from the
     /// highest target up is then closed (or marked close-on-exec). At most eight.
     pub fds: Vec<(RawFd, RawFd)>,
@@ -284,6 +320,9 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
             check(libc::setgroups(0, std::ptr::null()).into())?;
             check(libc::setresgid(gid, gid, gid).into())?;
             check(libc::setresuid(uid, uid, uid).into())?;
+            if let Some(namespace) = &plan.user_namespace {
+                enter_user_namespace(namespace)?;
+            }
         }
         // After the identity change, which would clear it: die with the parent.
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0).into())?;
@@ -352,6 +391,74 @@ pub unsafe fn enter(plan: &EntryPlan) -> io::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Makes the calling process, which has just taken its unprivileged uid and gid, the only
+/// member of a new user namespace that maps them and nothing else, and drops every capability
+/// it gets there (bounding set included).
+///
+/// # Safety
+/// Async-signal-safe: system calls on integers and on memory owned by `namespace`.
+unsafe fn enter_user_namespace(namespace: &UserNamespace) -> io::Result<()> {
+    // SAFETY: plain system calls on integers, on constant strings and on memory owned by
+    // `namespace` or local to this function.
+    unsafe {
+        // The uid change made the process non-dumpable, which makes its /proc files root's and
+        // so its own maps unwritable; the caller makes it non-dumpable again later (a warm
+        // child), or exec decides (a fresh interpreter).
+        check(libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0).into())?;
+        check(libc::unshare(libc::CLONE_NEWUSER).into())?;
+        write_file(c"/proc/self/uid_map", &namespace.uid_map)?;
+        // An unprivileged writer of a gid map must first give up setgroups for good.
+        write_file(c"/proc/self/setgroups", b"deny")?;
+        write_file(c"/proc/self/gid_map", &namespace.gid_map)?;
+        // The creator of a namespace holds every capability in it: drop them all. The bounding
+        // set first (it needs CAP_SETPCAP), up to the first number this kernel does not know.
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 {
+                let error = io::Error::last_os_error();
+                if error.raw_os_error() == Some(libc::EINVAL) {
+                    break;
+                }
+                return Err(error);
+            }
+        }
+        let header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let none = [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        check(libc::syscall(
+            libc::SYS_capset,
+            &header as *const CapHeader,
+            none.as_ptr(),
+        ))
+    }
+}
+
+/// Writes `bytes` to the file at `path` in one `write`.
+///
+/// # Safety
+/// Async-signal-safe.
+unsafe fn write_file(path: &std::ffi::CStr, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: open, write and close on a valid C string and a valid buffer.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        check(fd.into())?;
+        let written = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        // Read before close, which may change errno.
+        let outcome = match written {
+            n if n == bytes.len() as isize => Ok(()),
+            n if n < 0 => Err(io::Error::last_os_error()),
+            _ => Err(io::Error::from(io::ErrorKind::WriteZero)),
+        };
+        libc::close(fd);
+        outcome
+    }
 }
 
 /// Whether the process of `pidfd` has ended (without waiting).

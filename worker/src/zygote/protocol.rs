@@ -67,6 +67,9 @@ pub struct SpawnSpec {
     /// The Landlock rights the child grants itself on its /proc (0 without Landlock).
     #[serde(default)]
     pub landlock_proc_access: u64,
+    /// Whether the child makes a user namespace of its own once it has taken `ids`.
+    #[serde(default)]
+    pub user_namespace: bool,
 }
 
 /// A message from the zygote to the worker.
@@ -250,6 +253,7 @@ mod tests {
             landlock_mount_access: 0,
             pid_namespace: true,
             landlock_proc_access: 0,
+            user_namespace: true,
         });
         send(&a, &request, &[r.as_raw_fd(), w.as_raw_fd()]).unwrap();
         let (got, fds): (Request, _) = receive(&b).unwrap().unwrap();

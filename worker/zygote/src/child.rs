@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use nix::sys::resource::{setrlimit, Resource};
-use pyrunner_worker::sandbox::sys::{Entry, EntryPlan, PrivateMounts};
+use pyrunner_worker::sandbox::sys::{Entry, EntryPlan, PrivateMounts, UserNamespace};
 use pyrunner_worker::zygote::protocol::{JobHeader, SpawnSpec, ENTRY_FAILED};
 use seccompiler::BpfProgram;
 
@@ -80,6 +80,10 @@ fn serve(
             .map(|&(resource, soft, hard)| (resource as _, soft, hard))
             .collect(),
         ids: spec.ids,
+        user_namespace: spec
+            .ids
+            .filter(|_| spec.user_namespace)
+            .map(|(uid, gid)| UserNamespace::new(uid, gid)),
         fds: fds
             .iter()
             .enumerate()
