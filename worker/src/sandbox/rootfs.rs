@@ -93,6 +93,12 @@ impl RootView {
             .tempdir()?;
         let root = staging.path().to_path_buf();
         let runtime_dir = std::fs::canonicalize(runtime_dir)?;
+        if let Some(point) = MOUNT_POINTS.iter().find(|p| runtime_dir.starts_with(p)) {
+            return Err(io::Error::other(format!(
+                "the runtime at {} would be hidden by each run's own {point}; keep it elsewhere",
+                runtime_dir.display()
+            )));
+        }
         let fd = std::thread::spawn(move || build_in_own_namespace(&root, &runtime_dir))
             .join()
             .map_err(|_| io::Error::other("the view's thread panicked"))??;
@@ -225,4 +231,16 @@ fn bind(root: &Path, path: &Path, flags: MsFlags) -> io::Result<()> {
         None::<&str>,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runtime_a_run_s_own_mounts_would_hide_is_refused() {
+        let runtime = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
+        let error = RootView::build(runtime.path()).unwrap_err().to_string();
+        assert!(error.contains("hidden by each run's own /tmp"), "{error}");
+    }
 }
