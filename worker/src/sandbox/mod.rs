@@ -8,6 +8,7 @@
 //! without it.
 
 pub mod cgroup;
+pub mod container_profile;
 pub mod landlock;
 pub mod namespaces;
 pub mod rlimits;

@@ -9,10 +9,11 @@
 //!   namespace flags, `sendto` without a destination address.
 //! - A few return `ENOSYS` instead of `EPERM`, so that libraries fall back to what is allowed:
 //!   `clone3` (glibc then uses `clone`, whose flags the filter can read) and `io_uring_*`.
-//! - The zygote's copy also allows [`ENTRY`] (`unshare` of a UTS, an IPC, a mount and a PID
-//!   namespace, `setns` of a PID namespace, `sethostname`, `mount`), which the zygote needs to
-//!   fork a warm child into its PID namespace and the child to enter its sandbox; each child
-//!   then adds [`compile_entry_closed`], so a run's code never has them.
+//! - The zygote's copy also allows [`ENTRY`] (`unshare` of a UTS, an IPC, a mount, a user and a
+//!   PID namespace, `setns` of a PID or a mount namespace, `sethostname`, `mount`, `capset`),
+//!   which the zygote needs to fork a warm child into its PID namespace and the child to enter
+//!   its sandbox; each child then adds [`compile_entry_closed`], so a run's code never has
+//!   them.
 //!
 //! The calls listed cover CPython, numpy, sympy, threads, subprocesses, `multiprocessing`, the
 //! dynamic loader of a fresh interpreter, a warm child's own entry into its sandbox (set*id,
