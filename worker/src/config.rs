@@ -172,7 +172,7 @@ impl ExecutorArgs {
                 .unwrap_or(4 * self.concurrency())
                 .max(self.concurrency()),
         };
-        let slots = if sandbox::sys::is_root() {
+        let slots = if sandbox::sys::is_host_root() {
             SlotPool::with_uids(
                 slot_count,
                 self.sandbox_uid_base,

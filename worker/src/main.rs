@@ -4,10 +4,15 @@ use pyrunner_shared::service::{init_logging, shutdown_signal};
 use pyrunner_shared::store::{RedisStore, ResultStore};
 use pyrunner_worker::config::WorkerConfig;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     init_logging("info");
     let config = WorkerConfig::parse();
+    // While this process still has one thread.
+    pyrunner_worker::sandbox::namespaces::enter_own_user_namespace_unless_root();
+    tokio::runtime::Runtime::new()?.block_on(run(config))
+}
+
+async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let (executor, _work_root) = config.executor.start().await?;
     let info = executor
         .runtime()

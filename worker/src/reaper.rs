@@ -28,8 +28,9 @@ pub fn start() {
     STARTED.get_or_init(|| {
         // Orphans are found through /proc/self/task/*/children (CONFIG_PROC_CHILDREN). Without
         // it they could never be reaped here, so they are better left to init.
-        let tid = nix::unistd::gettid();
-        if !std::path::Path::new(&format!("/proc/self/task/{tid}/children")).exists() {
+        // (thread-self, not our tid: that names us in our PID namespace, which may not be the
+        // one /proc shows.)
+        if !std::path::Path::new("/proc/thread-self/children").exists() {
             tracing::warn!("this kernel does not list children in /proc; orphans go to init");
             return;
         }

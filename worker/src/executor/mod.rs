@@ -238,16 +238,9 @@ impl Executor {
             if self.slots.has_uids() {
                 LayerStatus::active(format!("{slots} slots, each with its own uid and gid"))
             } else {
-                LayerStatus::inactive("the worker is not root: runs keep its uid")
+                LayerStatus::inactive("the worker has no real root: runs keep its uid")
             },
         );
-        if !self.slots.has_uids() {
-            // Made per run, for the run's own uid.
-            set(
-                "user_namespace",
-                LayerStatus::inactive("the worker is not root: runs keep its uid"),
-            );
-        }
         let cgroups = if self.slots.has_cgroups() {
             LayerStatus::active("cgroup v1, one per slot")
         } else {

@@ -88,8 +88,9 @@ pub struct Sandbox {
     private_mounts: Result<rootfs::RootView, String>,
     /// Where each run gets a PID namespace (with its own /proc, in its mount namespace).
     pid_namespaces: Result<Arc<namespaces::PidNamespaces>, String>,
-    /// Whether each run with a uid of its own gets a user namespace of its own.
-    user_namespaces: Result<(), String>,
+    /// Whether each run gets a user namespace of its own, and whether the worker holds real
+    /// root (`false`: it is root of a user namespace of its own only).
+    user_namespaces: Result<bool, String>,
 }
 
 impl Sandbox {
@@ -97,8 +98,11 @@ impl Sandbox {
     /// rulesets can be made for runs of the runtime in `runtime_dir` (each where the host
     /// allows it; see [`namespaces`] and [`landlock`]).
     pub fn new(settings: SandboxSettings, runtime_dir: &Path) -> Result<Self, SandboxError> {
+        // Root of a user namespace of its own only (see
+        // `namespaces::enter_own_user_namespace_unless_root`).
+        let rootless = sys::is_root() && sys::in_own_user_namespace();
         let private_mounts = probed(
-            rootfs::RootView::build(runtime_dir).and_then(|view| {
+            rootfs::RootView::build(runtime_dir, rootless).and_then(|view| {
                 namespaces::can_make_private_mounts(&view)?;
                 Ok(view)
             }),
@@ -121,7 +125,7 @@ impl Sandbox {
             });
         let user_namespaces = match (&private_mounts, &pid_namespaces) {
             (Ok(view), Ok(pid)) => probed(
-                namespaces::can_make_user_namespaces(pid, view),
+                namespaces::can_make_user_namespaces(pid, view, rootless).map(|()| !rootless),
                 "runs hold their uid in the host's user namespace",
                 "cannot make them",
             ),
@@ -225,9 +229,16 @@ impl Sandbox {
             ),
             (
                 "user_namespace",
-                status(self.user_namespaces.as_ref().map(|()| {
-                    "one per run, mapping only the run's uid and gid (root and every other uid \
-                     are unmapped); the run holds no capability in it, bounding set included"
+                status(self.user_namespaces.as_ref().map(|&host_root| {
+                    if host_root {
+                        "one per run, mapping only the run's uid and gid (root and every other \
+                         uid are unmapped); the run holds no capability in it, bounding set \
+                         included"
+                    } else {
+                        "the worker runs without real root, as root of a user namespace of its \
+                         own that maps only its uid; each run has one more inside it, as uid \
+                         1000, holding no capability (runs share the worker's uid on the host)"
+                    }
                 })),
             ),
             (
@@ -284,6 +295,15 @@ impl Sandbox {
     /// Whether each run with a uid of its own gets a user namespace of its own.
     pub fn user_namespaces(&self) -> bool {
         self.user_namespaces.is_ok()
+    }
+
+    /// The user namespace of a run that takes `uid` (none without real root), if runs get one.
+    fn user_namespace(&self, uid: Option<u32>) -> Option<sys::UserNamespace> {
+        match (&self.user_namespaces, uid) {
+            (Ok(true), Some(uid)) => Some(sys::UserNamespace::new(uid, uid)),
+            (Ok(false), None) => Some(sys::UserNamespace::for_rootless_run()),
+            _ => None,
+        }
     }
 
     /// Where runs get PID namespaces.
@@ -346,9 +366,7 @@ impl Sandbox {
             entry: sys::Entry::BeforeExec,
             rlimits: rlimits::for_run(limits, &self.settings, cgroups.is_some()),
             ids: uid.map(|u| (u, u)),
-            user_namespace: uid
-                .filter(|_| self.user_namespaces())
-                .map(|u| sys::UserNamespace::new(u, u)),
+            user_namespace: self.user_namespace(uid),
             fds,
             landlock: ruleset.is_some(),
             cgroup_procs: cgroups.map(|c| c.procs_files()).unwrap_or_default(),

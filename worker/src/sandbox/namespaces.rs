@@ -194,24 +194,57 @@ pub fn can_make_pid_namespaces(pid: &PidNamespaces, view: &RootView) -> io::Resu
 const PROBE_ID: u32 = 65_534;
 
 /// Whether runs can have user namespaces of their own (they need a PID namespace, for their
-/// own /proc): a short-lived `/bin/sh` takes an unprivileged uid and enters one as a run's
-/// process would, and checks its uid map and that it holds no capability.
-pub fn can_make_user_namespaces(pid: &PidNamespaces, view: &RootView) -> io::Result<()> {
-    let ids = (PROBE_ID, PROBE_ID);
-    let mounts = sys::PrivateMounts::new(view.fd(), Some(ids), 1 << 20, 0)?.with_proc(0);
+/// own /proc): a short-lived `/bin/sh` enters one as a run's process would (after taking an
+/// unprivileged uid, unless the worker is `rootless`), and checks its uid map and that it
+/// holds no capability.
+pub fn can_make_user_namespaces(
+    pid: &PidNamespaces,
+    view: &RootView,
+    rootless: bool,
+) -> io::Result<()> {
+    let (ids, namespace, map) = if rootless {
+        let id = sys::RUN_ID;
+        (
+            None,
+            sys::UserNamespace::for_rootless_run(),
+            format!("{id} 0 1"),
+        )
+    } else {
+        let id = PROBE_ID;
+        let namespace = sys::UserNamespace::new(id, id);
+        (Some((id, id)), namespace, format!("{id} {id} 1"))
+    };
+    let mounts = sys::PrivateMounts::new(view.fd(), ids, 1 << 20, 0)?.with_proc(0);
     let script = format!(
         "read inside outside count < /proc/self/uid_map && \
-         [ \"$inside $outside $count\" = \"{PROBE_ID} {PROBE_ID} 1\" ] && \
+         [ \"$inside $outside $count\" = \"{map}\" ] && \
          while read key value; do [ \"$key\" != CapBnd: ] || [ \"$value\" = 0000000000000000 ]; \
          done < /proc/self/status"
     );
-    probe_entry_as(
-        mounts,
-        Some(pid),
-        Some(ids),
-        Some(sys::UserNamespace::new(PROBE_ID, PROBE_ID)),
-        &script,
-    )
+    probe_entry_as(mounts, Some(pid), ids, Some(namespace), &script)
+}
+
+/// For a worker that is not root: makes it root of a user namespace of its own, where it may
+/// make the runs' namespaces and mounts without real root on the host (it keeps its own uid
+/// there, and runs get no uid of their own and no cgroups). Where the host does not allow it,
+/// the worker goes on without, with fewer layers. Call it while the process has one thread.
+pub fn enter_own_user_namespace_unless_root() {
+    if sys::is_root() {
+        return;
+    }
+    if let Err(error) = sys::become_root_of_own_user_namespace() {
+        tracing::warn!(
+            %error,
+            "not root, and no user namespace of our own: runs get no namespaces or mounts"
+        );
+        return;
+    }
+    tracing::info!(
+        "not root: running as root of a user namespace of our own, which maps only our uid"
+    );
+    if let Err(error) = sys::continue_in_own_pid_namespace() {
+        tracing::warn!(%error, "no PID namespace of our own: runs get none either");
+    }
 }
 
 fn probe_entry(

@@ -86,7 +86,12 @@ impl RootView {
     /// Builds the view for runs of the runtime at `runtime_dir`. A short-lived thread makes a
     /// mount namespace of its own, builds the tree on a tmpfs, makes it the root and opens the
     /// namespace; the namespace then lives on through the descriptor.
-    pub fn build(runtime_dir: &Path) -> io::Result<Self> {
+    ///
+    /// With `host_proc`, the host's `/proc` is bound, read-only, under the runs' own: a worker
+    /// without real root may mount a procfs for a run's PID namespace only where a procfs is
+    /// already fully visible in the run's mount namespace (the kernel's rule for user
+    /// namespaces), and each run's own covers it.
+    pub fn build(runtime_dir: &Path, host_proc: bool) -> io::Result<Self> {
         // Made here, in the host's namespace, where its removal must happen too.
         let staging = tempfile::Builder::new()
             .prefix("pyrunner-view-")
@@ -99,7 +104,7 @@ impl RootView {
                 runtime_dir.display()
             )));
         }
-        let fd = std::thread::spawn(move || build_in_own_namespace(&root, &runtime_dir))
+        let fd = std::thread::spawn(move || build_in_own_namespace(&root, &runtime_dir, host_proc))
             .join()
             .map_err(|_| io::Error::other("the view's thread panicked"))??;
         drop(staging);
@@ -118,7 +123,7 @@ impl RootView {
 }
 
 /// On a thread of its own (it changes the thread's namespace and root for good).
-fn build_in_own_namespace(root: &Path, runtime_dir: &Path) -> io::Result<OwnedFd> {
+fn build_in_own_namespace(root: &Path, runtime_dir: &Path, host_proc: bool) -> io::Result<OwnedFd> {
     nix::sched::unshare(CloneFlags::CLONE_NEWNS)?;
     let namespace: OwnedFd = File::open("/proc/thread-self/ns/mnt")?.into();
     // Nothing below may reach the host's mount table.
@@ -155,6 +160,13 @@ fn build_in_own_namespace(root: &Path, runtime_dir: &Path) -> io::Result<OwnedFd
     }
     for point in MOUNT_POINTS {
         make_dir(&inside(root, Path::new(point)))?;
+    }
+    if host_proc {
+        bind(
+            root,
+            Path::new("/proc"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        )?;
     }
     // The root itself is read-only from now on; what a run writes goes to its own mounts.
     mount(
@@ -240,7 +252,9 @@ mod tests {
     #[test]
     fn a_runtime_a_run_s_own_mounts_would_hide_is_refused() {
         let runtime = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
-        let error = RootView::build(runtime.path()).unwrap_err().to_string();
+        let error = RootView::build(runtime.path(), false)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("hidden by each run's own /tmp"), "{error}");
     }
 }

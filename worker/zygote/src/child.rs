@@ -80,10 +80,12 @@ fn serve(
             .map(|&(resource, soft, hard)| (resource as _, soft, hard))
             .collect(),
         ids: spec.ids,
-        user_namespace: spec
-            .ids
-            .filter(|_| spec.user_namespace)
-            .map(|(uid, gid)| UserNamespace::new(uid, gid)),
+        // With a slot uid, the worker holds real root; without, it is root of a user
+        // namespace of its own only.
+        user_namespace: spec.user_namespace.then(|| match spec.ids {
+            Some((uid, gid)) => UserNamespace::new(uid, gid),
+            None => UserNamespace::for_rootless_run(),
+        }),
         fds: fds
             .iter()
             .enumerate()
