@@ -27,7 +27,8 @@ pub struct ExecutorArgs {
         default_value = "/var/lib/pyrunner/runtime"
     )]
     pub runtime_dir: PathBuf,
-    /// Directory under which each run gets a private working directory.
+    /// Directory under which each run gets a private working directory, where runs get no
+    /// mount namespace (with one, each works in a tmpfs of its own at /work).
     #[arg(long, env = "PYRUNNER_WORK_DIR", default_value_os_t = std::env::temp_dir())]
     pub work_dir: PathBuf,
     /// Runs carried out at once (default: the number of cores).
