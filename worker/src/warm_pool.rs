@@ -25,7 +25,7 @@ use crate::sandbox::landlock::LandlockPolicy;
 use crate::sandbox::rootfs::RootView;
 use crate::sandbox::{rlimits, sys, SandboxError, SandboxSettings};
 use crate::slots::Slot;
-use crate::workdir::{make_workdir, RunDir, WorkdirError};
+use crate::workdir::{RunDir, WorkdirError};
 use crate::zygote::protocol::{SpawnSpec, ENTRY_FAILED, READY};
 use crate::zygote::{ChildHandle, Zygote, ZygoteError, ZygoteInfo, ZygoteSettings};
 
@@ -54,7 +54,7 @@ pub struct WarmPoolSettings {
     /// Whether each child is forked into a PID namespace of its own (the sandbox offers it only
     /// with the mount namespace, where its /proc is mounted).
     pub pid_namespace: bool,
-    /// Whether each child with a uid of its own makes a user namespace of its own.
+    /// Whether each child makes a user namespace of its own.
     pub user_namespace: bool,
 }
 
@@ -188,10 +188,11 @@ impl WarmPool {
 
     async fn spawn_for(&self, slot: &Slot) -> Result<WarmChild, WarmError> {
         let zygote = self.zygote().await?;
-        let workdir = match self.inner.settings.private_mounts {
-            Some(_) => RunDir::Private,
-            None => RunDir::Host(make_workdir(&self.inner.work_root, slot.uid())?),
-        };
+        let workdir = RunDir::make(
+            self.inner.settings.private_mounts.is_some(),
+            &self.inner.work_root,
+            slot.uid(),
+        )?;
         let pipe = || sys::pipe().map_err(WarmError::Pipe);
         let (stdin_r, stdin_w) = pipe()?;
         let (stdout_r, stdout_w) = pipe()?;

@@ -32,6 +32,16 @@ pub enum RunDir {
 }
 
 impl RunDir {
+    /// The directory of a run of `uid`: a tmpfs of its own where runs get a mount namespace
+    /// (`private_mounts`), else a private directory made under `root`.
+    pub fn make(private_mounts: bool, root: &Path, uid: Option<u32>) -> Result<Self, WorkdirError> {
+        if private_mounts {
+            Ok(Self::Private)
+        } else {
+            make_workdir(root, uid).map(Self::Host)
+        }
+    }
+
     /// The directory's path, as the run sees it.
     pub fn path(&self) -> &Path {
         match self {

@@ -1,8 +1,8 @@
 //! The sandbox a run's Python process starts in: its slot's cgroups, an empty network namespace,
 //! private user (mapping only its own uid), UTS, IPC, mount and PID namespaces (a copy of a
 //! read-only view of only what it needs, with its own tmpfs for its directory, /tmp and
-//! /dev/shm, and its own /proc), its own session and process group, resource limits, an unprivileged uid per run slot,
-//! `no_new_privs`, a Landlock ruleset and a seccomp allowlist.
+//! /dev/shm, and its own /proc), its own session and process group, resource limits, an
+//! unprivileged uid per run slot, `no_new_privs`, a Landlock ruleset and a seccomp allowlist.
 //!
 //! The worker itself still needs real root for all of it; docs/SECURITY.md says what runs get
 //! without it.
@@ -279,12 +279,7 @@ impl Sandbox {
         work_root: &Path,
         uid: Option<u32>,
     ) -> Result<crate::workdir::RunDir, crate::workdir::WorkdirError> {
-        match self.private_mounts {
-            Ok(_) => Ok(crate::workdir::RunDir::Private),
-            Err(_) => {
-                crate::workdir::make_workdir(work_root, uid).map(crate::workdir::RunDir::Host)
-            }
-        }
+        crate::workdir::RunDir::make(self.private_mounts.is_ok(), work_root, uid)
     }
 
     /// Whether runs get private UTS and IPC namespaces.
@@ -292,18 +287,9 @@ impl Sandbox {
         self.private_namespaces.is_ok()
     }
 
-    /// Whether each run with a uid of its own gets a user namespace of its own.
+    /// Whether each run gets a user namespace of its own.
     pub fn user_namespaces(&self) -> bool {
         self.user_namespaces.is_ok()
-    }
-
-    /// The user namespace of a run that takes `uid` (none without real root), if runs get one.
-    fn user_namespace(&self, uid: Option<u32>) -> Option<sys::UserNamespace> {
-        match (&self.user_namespaces, uid) {
-            (Ok(true), Some(uid)) => Some(sys::UserNamespace::new(uid, uid)),
-            (Ok(false), None) => Some(sys::UserNamespace::for_rootless_run()),
-            _ => None,
-        }
     }
 
     /// Where runs get PID namespaces.
@@ -366,7 +352,9 @@ impl Sandbox {
             entry: sys::Entry::BeforeExec,
             rlimits: rlimits::for_run(limits, &self.settings, cgroups.is_some()),
             ids: uid.map(|u| (u, u)),
-            user_namespace: self.user_namespace(uid),
+            user_namespace: self
+                .user_namespaces()
+                .then(|| sys::UserNamespace::for_run(uid.map(|u| (u, u)))),
             fds,
             landlock: ruleset.is_some(),
             cgroup_procs: cgroups.map(|c| c.procs_files()).unwrap_or_default(),

@@ -202,17 +202,13 @@ pub fn can_make_user_namespaces(
     view: &RootView,
     rootless: bool,
 ) -> io::Result<()> {
-    let (ids, namespace, map) = if rootless {
-        let id = sys::RUN_ID;
-        (
-            None,
-            sys::UserNamespace::for_rootless_run(),
-            format!("{id} 0 1"),
-        )
+    let (ids, map) = if rootless {
+        (None, format!("{} 0 1", sys::RUN_ID))
     } else {
-        let id = PROBE_ID;
-        let namespace = sys::UserNamespace::new(id, id);
-        (Some((id, id)), namespace, format!("{id} {id} 1"))
+        (
+            Some((PROBE_ID, PROBE_ID)),
+            format!("{PROBE_ID} {PROBE_ID} 1"),
+        )
     };
     let mounts = sys::PrivateMounts::new(view.fd(), ids, 1 << 20, 0)?.with_proc(0);
     let script = format!(
@@ -221,7 +217,13 @@ pub fn can_make_user_namespaces(
          while read key value; do [ \"$key\" != CapBnd: ] || [ \"$value\" = 0000000000000000 ]; \
          done < /proc/self/status"
     );
-    probe_entry_as(mounts, Some(pid), ids, Some(namespace), &script)
+    probe_entry_as(
+        mounts,
+        Some(pid),
+        ids,
+        Some(sys::UserNamespace::for_run(ids)),
+        &script,
+    )
 }
 
 /// For a worker that is not root: makes it root of a user namespace of its own, where it may

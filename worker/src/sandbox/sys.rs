@@ -78,23 +78,18 @@ pub struct UserNamespace {
 }
 
 impl UserNamespace {
-    /// The namespace of a run whose process takes `uid` and `gid`: they keep their numbers.
-    pub fn new(uid: u32, gid: u32) -> Self {
-        Self::mapping((uid, uid), (gid, gid))
-    }
-
-    /// The namespace of a run of a worker without real root (see
-    /// [`become_root_of_own_user_namespace`]): the worker's one uid and gid, 0 in its
-    /// namespace, become [`RUN_ID`] in the run's, as for any unprivileged user.
-    pub fn for_rootless_run() -> Self {
-        Self::mapping((RUN_ID, 0), (RUN_ID, 0))
-    }
-
-    /// Maps `uid.0` inside to `uid.1` outside, and the same for `gid`.
-    fn mapping(uid: (u32, u32), gid: (u32, u32)) -> Self {
+    /// The namespace of a run that takes `ids` (uid, gid). Under a worker with real root they
+    /// are a slot's, and keep their numbers. Under a worker without (see
+    /// [`become_root_of_own_user_namespace`]) there are none: the worker's one uid and gid, 0
+    /// in its namespace, become [`RUN_ID`] in the run's, as for any unprivileged user.
+    pub fn for_run(ids: Option<(u32, u32)>) -> Self {
+        let ((uid_in, uid_out), (gid_in, gid_out)) = match ids {
+            Some((uid, gid)) => ((uid, uid), (gid, gid)),
+            None => ((RUN_ID, 0), (RUN_ID, 0)),
+        };
         Self {
-            uid_map: format!("{} {} 1\n", uid.0, uid.1).into_bytes(),
-            gid_map: format!("{} {} 1\n", gid.0, gid.1).into_bytes(),
+            uid_map: format!("{uid_in} {uid_out} 1\n").into_bytes(),
+            gid_map: format!("{gid_in} {gid_out} 1\n").into_bytes(),
         }
     }
 }

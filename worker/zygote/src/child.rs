@@ -80,12 +80,9 @@ fn serve(
             .map(|&(resource, soft, hard)| (resource as _, soft, hard))
             .collect(),
         ids: spec.ids,
-        // With a slot uid, the worker holds real root; without, it is root of a user
-        // namespace of its own only.
-        user_namespace: spec.user_namespace.then(|| match spec.ids {
-            Some((uid, gid)) => UserNamespace::new(uid, gid),
-            None => UserNamespace::for_rootless_run(),
-        }),
+        user_namespace: spec
+            .user_namespace
+            .then(|| UserNamespace::for_run(spec.ids)),
         fds: fds
             .iter()
             .enumerate()
