@@ -23,9 +23,9 @@ pub struct ApiConfig {
     /// Redis URL (fleet mode).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
-    /// Name of the job queue (fleet mode).
-    #[arg(long, env = "PYRUNNER_QUEUE", default_value = pyrunner_shared::queue::DEFAULT_QUEUE)]
-    pub queue: String,
+    /// The job queue (fleet mode).
+    #[command(flatten)]
+    pub queue: pyrunner_shared::queue::QueueSettings,
     /// How long results stay retrievable, in seconds.
     #[arg(long, env = "PYRUNNER_RESULT_TTL_SECS", default_value_t = 3600)]
     pub result_ttl_secs: u64,
@@ -56,7 +56,8 @@ pub struct ApiConfig {
     /// How much longer than its timeout a synchronous run waits before answering 504, in ms.
     #[arg(long, env = "PYRUNNER_SYNC_WAIT_MARGIN_MS", default_value_t = 5_000)]
     pub sync_wait_margin_ms: u64,
-    /// Synchronous runs that may wait at once (fleet mode: Redis connections held).
+    /// Synchronous runs that may wait at once (fleet mode: Redis connections held); past them
+    /// `POST /run` answers 503 with Retry-After, and `POST /jobs` still accepts.
     #[arg(long, env = "PYRUNNER_MAX_SYNC_WAITERS", default_value_t = 512)]
     pub max_sync_waiters: usize,
     /// Executor settings, used in embedded mode.

@@ -98,6 +98,11 @@ impl ApiError {
         }
     }
 
+    /// The service is at one of its limits (`code` names which); the client should retry later.
+    pub fn overloaded(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+
     /// A dependency (broker, store, workers) is unreachable. The cause is logged.
     pub fn unavailable(context: &str, cause: impl std::fmt::Display) -> Self {
         tracing::error!(%cause, "{context}");

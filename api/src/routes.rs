@@ -1,6 +1,6 @@
 //! The HTTP routes.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode, Uri};
@@ -9,9 +9,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use pyrunner_shared::isolation;
 use pyrunner_shared::limits::LimitError;
+use pyrunner_shared::queue::QueueError;
 use pyrunner_shared::{Job, JobId, RunRequest};
 use serde_json::json;
 
+use crate::backend::SubmitError;
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -48,11 +50,13 @@ fn accept(state: &AppState, request: RunRequest) -> Result<Job, ApiError> {
 }
 
 async fn submit(state: &AppState, job: Job) -> Result<(), ApiError> {
-    state
-        .backend()
-        .submit(job)
-        .await
-        .map_err(|e| ApiError::unavailable("cannot queue the job", e))
+    state.backend().submit(job).await.map_err(|e| match e {
+        SubmitError::Queue(QueueError::Refused { .. }) => ApiError::overloaded(
+            "queue_full",
+            "the job queue is full (PYRUNNER_MAX_QUEUE_LENGTH); try again shortly",
+        ),
+        e => ApiError::unavailable("cannot queue the job", e),
+    })
 }
 
 /// `POST /run`: runs the code and answers with its result.
@@ -61,12 +65,33 @@ async fn run_code(
     JsonBody(request): JsonBody<RunRequest>,
 ) -> Result<Response, ApiError> {
     let job = accept(&state, request)?;
+    let Some(_place) = state.try_wait_place() else {
+        return Err(ApiError::overloaded(
+            "too_many_waiting",
+            "too many synchronous runs are waiting (PYRUNNER_MAX_SYNC_WAITERS); try again \
+             shortly, or submit with POST /jobs and poll",
+        ));
+    };
     let (id, wait) = (job.id, job.limits.timeout() + state.sync_margin());
     submit(&state, job).await?;
-    match state.backend().wait_result(id, wait).await {
-        Ok(Some(result)) => Ok(Json(result).into_response()),
-        Ok(None) => Err(ApiError::result_not_ready(id)),
-        Err(e) => Err(ApiError::unavailable("cannot read the result", e)),
+    // The job is accepted: from here on the client gets its result, or its id to poll.
+    let deadline = Instant::now() + wait;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ApiError::result_not_ready(id));
+        }
+        match state.backend().wait_result(id, left).await {
+            Ok(Some(result)) => return Ok(Json(result).into_response()),
+            Ok(None) => return Err(ApiError::result_not_ready(id)),
+            // The store is away (a restart, say): the worker stores the result once it is back.
+            Err(error) => {
+                tracing::warn!(job = %id, %error, "cannot wait for the result; retrying");
+                tokio::time::sleep(backoff.min(left)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
     }
 }
 

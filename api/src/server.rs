@@ -71,7 +71,12 @@ impl Api {
             _ => return Err(StartError::HalfFleet),
         };
         Ok(Self {
-            state: AppState::new(backend, policy, config.sync_margin()),
+            state: AppState::new(
+                backend,
+                policy,
+                config.sync_margin(),
+                config.max_sync_waiters,
+            ),
             _work_root: work_root,
         })
     }

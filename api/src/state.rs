@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pyrunner_shared::LimitPolicy;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::Backend;
 
@@ -17,19 +18,32 @@ struct Inner {
     backend: Backend,
     policy: LimitPolicy,
     sync_margin: Duration,
+    /// One permit per synchronous run that may wait at once.
+    sync_waiters: Arc<Semaphore>,
 }
 
 impl AppState {
     /// State over `backend`, enforcing `policy`; a synchronous run waits for its timeout plus
-    /// `sync_margin` before answering 504.
-    pub fn new(backend: Backend, policy: LimitPolicy, sync_margin: Duration) -> Self {
+    /// `sync_margin` before answering 504, and at most `max_sync_waiters` wait at once.
+    pub fn new(
+        backend: Backend,
+        policy: LimitPolicy,
+        sync_margin: Duration,
+        max_sync_waiters: usize,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 backend,
                 policy,
                 sync_margin,
+                sync_waiters: Arc::new(Semaphore::new(max_sync_waiters.max(1))),
             }),
         }
+    }
+
+    /// A place among the synchronous runs that wait, if one is free.
+    pub fn try_wait_place(&self) -> Option<OwnedSemaphorePermit> {
+        self.inner.sync_waiters.clone().try_acquire_owned().ok()
     }
 
     pub fn backend(&self) -> &Backend {

@@ -1,12 +1,21 @@
 //! The job queue on RabbitMQ: its name and arguments, the message format, the publisher and the
-//! consumer side's setup. Both the api and the workers declare the queue with the same arguments,
-//! so either may start first.
+//! consumer side's setup. Both the api and the workers declare the queue with the same arguments
+//! ([`QueueSettings`]), so either may start first.
+//!
+//! The jobs go through a quorum queue, which counts the deliveries of each message: a message
+//! whose consumer went away without acknowledging it (a worker killed mid-run) goes back to the
+//! queue with its count raised (`x-delivery-count`). Each job may be delivered
+//! `max_deliveries` times; a worker that receives it once more stores `internal_error` ("worker
+//! lost") for it and rejects it into the dead-letter queue `<name>.dead`, where malformed
+//! messages also end. The broker itself dead-letters a message one delivery later, should that
+//! last worker die too. Past `max_length` waiting jobs the broker refuses new ones.
 
+use lapin::message::Delivery;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use thiserror::Error;
 
@@ -14,6 +23,127 @@ use crate::job::Job;
 
 /// The default name of the durable queue every job goes through.
 pub const DEFAULT_QUEUE: &str = "pyrunner.jobs";
+
+/// Messages the dead-letter queue keeps; past them the oldest go.
+pub const DEAD_LETTER_MAX_LENGTH: i64 = 10_000;
+
+/// How the job queue is declared. The api and every worker of a fleet must agree: the broker
+/// refuses to declare an existing queue with other arguments.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct QueueSettings {
+    /// Name of the job queue; its dead letters go to `<name>.dead`.
+    #[arg(long = "queue", env = "PYRUNNER_QUEUE", default_value = DEFAULT_QUEUE)]
+    pub name: String,
+    /// Times a job is handed to a worker before it ends `internal_error` ("worker lost") in the
+    /// dead-letter queue; more than one lets another worker finish the job of a worker that was
+    /// lost mid-run. Part of the queue's declaration.
+    #[arg(long, env = "PYRUNNER_MAX_DELIVERIES", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_deliveries: u32,
+    /// Jobs that may wait in the queue; past them a submission gets 503 with Retry-After
+    /// (0: no bound). Part of the queue's declaration.
+    #[arg(long, env = "PYRUNNER_MAX_QUEUE_LENGTH", default_value_t = 10_000)]
+    pub max_length: u32,
+    /// Bytes of jobs that may wait in the queue, in MiB, which bounds the broker's memory and
+    /// disk whatever the jobs' sizes; past them as past the length (0: no bound). Part of the
+    /// queue's declaration.
+    #[arg(long, env = "PYRUNNER_MAX_QUEUE_MB", default_value_t = 512)]
+    pub max_mb: u32,
+}
+
+impl QueueSettings {
+    /// Settings with the defaults for the queue `name`.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            max_deliveries: 3,
+            max_length: 10_000,
+            max_mb: 512,
+        }
+    }
+
+    /// The queue where dead letters end.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.name)
+    }
+
+    /// The job queue's arguments.
+    fn arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        let mut set = |key: &str, value: AMQPValue| {
+            args.insert(ShortString::from(key), value);
+        };
+        set("x-queue-type", AMQPValue::LongString("quorum".into()));
+        // One more than the deliveries that run the job: the last one records its loss.
+        set(
+            "x-delivery-limit",
+            AMQPValue::LongLongInt(i64::from(self.max_deliveries) + 1),
+        );
+        set("x-dead-letter-exchange", AMQPValue::LongString("".into()));
+        set(
+            "x-dead-letter-routing-key",
+            AMQPValue::LongString(self.dead_letter_queue().into()),
+        );
+        if self.max_length > 0 {
+            // RabbitMQ 3.10's quorum queue refuses a message only once it holds more than its
+            // limit, so it would take one more than declared.
+            set(
+                "x-max-length",
+                AMQPValue::LongLongInt(i64::from(self.max_length) - 1),
+            );
+        }
+        if self.max_mb > 0 {
+            set(
+                "x-max-length-bytes",
+                AMQPValue::LongLongInt(i64::from(self.max_mb) << 20),
+            );
+        }
+        set("x-overflow", AMQPValue::LongString("reject-publish".into()));
+        args
+    }
+
+    /// Declares the dead-letter queue and the job queue on `channel` (`passive`: only checks that
+    /// the job queue exists, and reads its counts).
+    async fn declare(&self, channel: &Channel, passive: bool) -> Result<lapin::Queue, QueueError> {
+        if !passive {
+            let mut dead = FieldTable::default();
+            dead.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(DEAD_LETTER_MAX_LENGTH),
+            );
+            declare(channel, &self.dead_letter_queue(), false, dead).await?;
+        }
+        declare(channel, &self.name, passive, self.arguments()).await
+    }
+}
+
+/// How many times `delivery` was handed out before, as the quorum queue counts them.
+pub fn previous_deliveries(delivery: &Delivery) -> u32 {
+    let count = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get("x-delivery-count"))
+        .and_then(integer);
+    match count {
+        Some(n) => u32::try_from(n.max(0)).unwrap_or(u32::MAX),
+        // A broker that does not count says at least whether this is a redelivery.
+        None => u32::from(delivery.redelivered),
+    }
+}
+
+fn integer(value: &AMQPValue) -> Option<i64> {
+    Some(match *value {
+        AMQPValue::ShortShortInt(n) => n.into(),
+        AMQPValue::ShortShortUInt(n) => n.into(),
+        AMQPValue::ShortInt(n) => n.into(),
+        AMQPValue::ShortUInt(n) => n.into(),
+        AMQPValue::LongInt(n) => n.into(),
+        AMQPValue::LongUInt(n) => n.into(),
+        AMQPValue::LongLongInt(n) => n,
+        _ => return None,
+    })
+}
 
 /// A failure to reach or use the broker.
 #[derive(Debug, Error)]
@@ -24,9 +154,16 @@ pub enum QueueError {
     OpenChannel(#[source] lapin::Error),
     #[error("cannot declare queue {queue}: {source}")]
     Declare { queue: String, source: lapin::Error },
+    #[error(
+        "queue {queue} exists with other arguments than this process's settings (a queue of an \
+         earlier version, or an api and workers configured differently): {source}; delete the \
+         queue or use the same PYRUNNER_MAX_DELIVERIES, PYRUNNER_MAX_QUEUE_LENGTH and \
+         PYRUNNER_MAX_QUEUE_MB everywhere"
+    )]
+    Mismatch { queue: String, source: lapin::Error },
     #[error("cannot publish job {id}: {source}")]
     Publish { id: String, source: lapin::Error },
-    #[error("the broker refused job {id}")]
+    #[error("the broker refused job {id}: the queue is full")]
     Refused { id: String },
     #[error("the broker connection is closed")]
     Disconnected,
@@ -46,6 +183,7 @@ async fn declare(
     channel: &Channel,
     queue: &str,
     passive: bool,
+    arguments: FieldTable,
 ) -> Result<lapin::Queue, QueueError> {
     let options = QueueDeclareOptions {
         durable: true,
@@ -53,11 +191,16 @@ async fn declare(
         ..QueueDeclareOptions::default()
     };
     channel
-        .queue_declare(queue.into(), options, FieldTable::default())
+        .queue_declare(queue.into(), options, arguments)
         .await
-        .map_err(|source| QueueError::Declare {
-            queue: queue.to_owned(),
-            source,
+        .map_err(|source| {
+            let queue = queue.to_owned();
+            // 406 PRECONDITION_FAILED: the queue exists with other arguments.
+            if source.to_string().contains("PRECONDITION_FAILED") {
+                QueueError::Mismatch { queue, source }
+            } else {
+                QueueError::Declare { queue, source }
+            }
         })
 }
 
@@ -76,12 +219,12 @@ pub fn decode(body: &[u8]) -> Result<Job, serde_json::Error> {
 pub struct JobPublisher {
     connection: std::sync::Arc<Connection>,
     channel: Channel,
-    queue: String,
+    settings: QueueSettings,
 }
 
 impl JobPublisher {
-    /// Opens a confirming channel on a new connection and declares `queue`.
-    pub async fn connect(url: &str, queue: &str) -> Result<Self, QueueError> {
+    /// Opens a confirming channel on a new connection and declares the queue.
+    pub async fn connect(url: &str, settings: &QueueSettings) -> Result<Self, QueueError> {
         let connection = connect(url).await?;
         let channel = connection
             .create_channel()
@@ -91,11 +234,11 @@ impl JobPublisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(QueueError::OpenChannel)?;
-        declare(&channel, queue, false).await?;
+        settings.declare(&channel, false).await?;
         Ok(Self {
             connection: std::sync::Arc::new(connection),
             channel,
-            queue: queue.to_owned(),
+            settings: settings.clone(),
         })
     }
 
@@ -114,7 +257,7 @@ impl JobPublisher {
             .channel
             .basic_publish(
                 "".into(),
-                self.queue.as_str().into(),
+                self.settings.name.as_str().into(),
                 BasicPublishOptions::default(),
                 &encode(job),
                 props,
@@ -135,16 +278,19 @@ impl JobPublisher {
         if !self.connection.status().connected() {
             return Err(QueueError::Disconnected);
         }
-        Ok(declare(&self.channel, &self.queue, true)
+        Ok(self
+            .settings
+            .declare(&self.channel, true)
             .await?
             .consumer_count())
     }
 }
 
-/// Opens a channel consuming `queue`, with `prefetch` unacknowledged messages at most.
+/// Declares the queue and opens a channel consuming it, with `prefetch` unacknowledged messages
+/// at most.
 pub async fn consume(
     connection: &Connection,
-    queue: &str,
+    settings: &QueueSettings,
     prefetch: u16,
     tag: &str,
 ) -> Result<(Channel, Consumer), QueueError> {
@@ -156,10 +302,10 @@ pub async fn consume(
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
         .map_err(QueueError::Consume)?;
-    declare(&channel, queue, false).await?;
+    settings.declare(&channel, false).await?;
     let consumer = channel
         .basic_consume(
-            queue.into(),
+            settings.name.as_str().into(),
             tag.into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -174,6 +320,41 @@ mod tests {
     use super::*;
     use crate::job::JobId;
     use crate::limits::{LimitPolicy, RunLimits};
+
+    #[test]
+    fn the_queue_is_declared_with_its_bounds() {
+        let settings = QueueSettings {
+            max_deliveries: 2,
+            max_length: 50,
+            max_mb: 3,
+            ..QueueSettings::named("jobs")
+        };
+        let args = settings.arguments();
+        let get = |key: &str| args.inner().get(key).cloned();
+        assert_eq!(
+            get("x-queue-type"),
+            Some(AMQPValue::LongString("quorum".into()))
+        );
+        // One delivery more than those that run the job, for the one that records its loss.
+        assert_eq!(get("x-delivery-limit").as_ref().and_then(integer), Some(3));
+        assert_eq!(get("x-max-length").as_ref().and_then(integer), Some(49));
+        assert_eq!(
+            get("x-max-length-bytes").as_ref().and_then(integer),
+            Some(3 << 20)
+        );
+        assert_eq!(
+            get("x-dead-letter-routing-key"),
+            Some(AMQPValue::LongString("jobs.dead".into()))
+        );
+        let unbounded = QueueSettings {
+            max_length: 0,
+            max_mb: 0,
+            ..settings
+        }
+        .arguments();
+        assert!(unbounded.inner().get("x-max-length").is_none());
+        assert!(unbounded.inner().get("x-max-length-bytes").is_none());
+    }
 
     #[test]
     fn jobs_round_trip_through_the_message_format() {

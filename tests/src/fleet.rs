@@ -187,6 +187,86 @@ impl Fleet {
         std::fs::read_to_string(&self.workers[index].1).unwrap_or_default()
     }
 
+    /// Kills worker `index` at once (SIGKILL), as a crash or an OOM kill would.
+    pub fn kill_worker(&mut self, index: usize) {
+        let child = &mut self.workers[index].0;
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Waits (at most `within`) until a worker has started job `id` (or, with `None`, any job
+    /// not yet seen in `skip`), and returns its index.
+    pub async fn worker_running(
+        &self,
+        id: Option<&str>,
+        skip: &[usize],
+        within: Duration,
+    ) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            for index in (0..self.workers.len()).filter(|i| !skip.contains(i)) {
+                let log = self.worker_log(index);
+                let started = log
+                    .lines()
+                    .any(|l| l.contains("run started") && id.is_none_or(|id| l.contains(id)));
+                if started {
+                    return index;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no worker started job {id:?} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Messages waiting in the fleet's dead-letter queue.
+    pub async fn dead_letters(&self) -> u32 {
+        let conn = pyrunner_shared::queue::connect(&amqp_url())
+            .await
+            .expect("connect to RabbitMQ");
+        let channel = conn.create_channel().await.expect("channel");
+        let queue = channel
+            .queue_declare(
+                format!("{}.dead", self.queue).as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .expect("the dead-letter queue exists");
+        let _ = conn.close(200, "done".into()).await;
+        queue.message_count()
+    }
+
+    /// Publishes `body` as it is onto the fleet's queue, with `message_id` if given.
+    pub async fn publish_raw(&self, body: &[u8], message_id: Option<&str>) {
+        let conn = pyrunner_shared::queue::connect(&amqp_url())
+            .await
+            .expect("connect to RabbitMQ");
+        let channel = conn.create_channel().await.expect("channel");
+        let mut props = lapin::BasicProperties::default().with_delivery_mode(2);
+        if let Some(id) = message_id {
+            props = props.with_message_id(id.into());
+        }
+        channel
+            .basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                Default::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("published");
+        let _ = conn.close(200, "done".into()).await;
+    }
+
     /// What the api has logged so far.
     pub fn api_log(&self) -> String {
         std::fs::read_to_string(self.logs.path().join("api.log")).unwrap_or_default()
@@ -197,9 +277,11 @@ impl Fleet {
         self.kill();
         if let Ok(conn) = pyrunner_shared::queue::connect(&amqp_url()).await {
             if let Ok(channel) = conn.create_channel().await {
-                let _ = channel
-                    .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-                    .await;
+                for queue in [self.queue.clone(), format!("{}.dead", self.queue)] {
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
             }
             let _ = conn.close(200, "done".into()).await;
         }

@@ -277,9 +277,8 @@ pub struct WorkerConfig {
     /// Redis URL.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: String,
-    /// Name of the job queue.
-    #[arg(long, env = "PYRUNNER_QUEUE", default_value = pyrunner_shared::queue::DEFAULT_QUEUE)]
-    pub queue: String,
+    #[command(flatten)]
+    pub queue: pyrunner_shared::queue::QueueSettings,
     /// How long results stay retrievable, in seconds.
     #[arg(long, env = "PYRUNNER_RESULT_TTL_SECS", default_value_t = 3600)]
     pub result_ttl_secs: u64,

@@ -1,14 +1,18 @@
 //! The fleet worker's loop: consume jobs from RabbitMQ, run them, store results in Redis, and
 //! acknowledge each message only once its result is stored (at-least-once delivery).
+//!
+//! A job whose earlier deliveries all ended without an answer (their workers were lost mid-run)
+//! is not run again past the queue's `max_deliveries`: its result becomes `internal_error`
+//! ("worker lost") and the message goes to the dead-letter queue, as a malformed one does.
 
 use std::future::Future;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use pyrunner_shared::queue::{self, QueueError};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use pyrunner_shared::queue::{self, QueueError, QueueSettings};
 use pyrunner_shared::store::{ResultStore, StoreError};
-use pyrunner_shared::{Job, RunResult};
+use pyrunner_shared::{Job, JobId, RunResult};
 use thiserror::Error;
 use tokio::task::JoinSet;
 
@@ -33,6 +37,7 @@ pub async fn process_job(
     job: &Job,
 ) -> Result<RunResult, StoreError> {
     let reservation = executor.reserve().await;
+    tracing::info!(job = %job.id, "run started");
     // The state is written while the run goes on, and before the result.
     let (marked, result) = tokio::join!(
         store.mark_running(job.id),
@@ -57,7 +62,7 @@ pub async fn process_job(
 /// Consumes jobs until `shutdown` completes, then finishes the runs in flight.
 pub async fn consume(
     amqp_url: &str,
-    queue_name: &str,
+    queue: &QueueSettings,
     executor: Executor,
     store: ResultStore,
     shutdown: impl Future<Output = ()>,
@@ -65,8 +70,8 @@ pub async fn consume(
     let connection = queue::connect(amqp_url).await?;
     let prefetch = u16::try_from(executor.concurrency()).unwrap_or(u16::MAX);
     let tag = format!("pyrunner-worker-{}", std::process::id());
-    let (channel, mut consumer) = queue::consume(&connection, queue_name, prefetch, &tag).await?;
-    tracing::info!(queue = queue_name, prefetch, "consuming jobs");
+    let (channel, mut consumer) = queue::consume(&connection, queue, prefetch, &tag).await?;
+    tracing::info!(queue = queue.name, prefetch, "consuming jobs");
     let mut in_flight = JoinSet::new();
     tokio::pin!(shutdown);
     let outcome = loop {
@@ -74,7 +79,10 @@ pub async fn consume(
             delivery = consumer.next() => match delivery {
                 Some(Ok(delivery)) => {
                     let (executor, store) = (executor.clone(), store.clone());
-                    in_flight.spawn(async move { handle(delivery, &executor, &store).await });
+                    let max_deliveries = queue.max_deliveries;
+                    in_flight.spawn(async move {
+                        handle(delivery, &executor, &store, max_deliveries).await
+                    });
                 }
                 Some(Err(error)) => break Err(ConsumerError::Receive(error)),
                 None => break Err(ConsumerError::Cancelled),
@@ -93,20 +101,58 @@ pub async fn consume(
     outcome
 }
 
-async fn handle(delivery: Delivery, executor: &Executor, store: &ResultStore) {
+async fn handle(delivery: Delivery, executor: &Executor, store: &ResultStore, max_deliveries: u32) {
+    let previous = queue::previous_deliveries(&delivery);
     let job = match queue::decode(&delivery.data) {
         Ok(job) => job,
         Err(error) => {
-            tracing::error!(%error, bytes = delivery.data.len(), "dropping a malformed message");
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: false,
-                    ..BasicNackOptions::default()
-                })
-                .await;
+            let message_id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string());
+            tracing::error!(
+                %error,
+                bytes = delivery.data.len(),
+                message_id,
+                "dead-lettering a malformed message"
+            );
+            // A job of ours whose body was damaged still gets an answer.
+            if let Some(id) = message_id.and_then(|id| id.parse::<JobId>().ok()) {
+                let result = RunResult::internal_error(id, "the job's message was malformed");
+                if let Err(error) = store.put_result(&result).await {
+                    tracing::error!(job = %id, %error, "cannot store the result of a malformed message");
+                }
+            }
+            dead_letter(&delivery).await;
             return;
         }
     };
+    if previous >= max_deliveries {
+        tracing::error!(
+            job = %job.id,
+            deliveries = previous,
+            "worker lost: no worker finished the job in its deliveries; dead-lettering it"
+        );
+        let result = RunResult::internal_error(
+            job.id,
+            &format!(
+                "worker lost: the job was handed to a worker {previous} times and none finished it"
+            ),
+        );
+        match store.put_result(&result).await {
+            Ok(_) => dead_letter(&delivery).await,
+            Err(error) => {
+                // The broker dead-letters it after one more delivery in any case.
+                tracing::error!(job = %job.id, %error, "cannot store the lost job's result; requeueing");
+                requeue(&delivery).await;
+            }
+        }
+        return;
+    }
+    if previous > 0 {
+        tracing::warn!(job = %job.id, deliveries = previous, "running a job again: its worker was lost");
+    }
     match process_job(executor, store, &job).await {
         Ok(_) => {
             if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
@@ -116,12 +162,25 @@ async fn handle(delivery: Delivery, executor: &Executor, store: &ResultStore) {
         Err(error) => {
             // The result is not stored: give the job back so that a worker retries it.
             tracing::error!(job = %job.id, %error, "cannot store the result; requeueing");
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await;
+            requeue(&delivery).await;
         }
+    }
+}
+
+/// Rejects `delivery` without requeueing it: the broker moves it to the dead-letter queue.
+async fn dead_letter(delivery: &Delivery) {
+    if let Err(error) = delivery.reject(BasicRejectOptions { requeue: false }).await {
+        tracing::warn!(%error, "cannot dead-letter a message; it will come back");
+    }
+}
+
+/// Gives `delivery` back to the queue, counting one more delivery.
+async fn requeue(delivery: &Delivery) {
+    let options = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    if let Err(error) = delivery.nack(options).await {
+        tracing::warn!(%error, "cannot requeue a message; the broker will when the channel closes");
     }
 }

@@ -271,7 +271,10 @@ async fn profile(requests: usize) -> Vec<(&'static str, f64)> {
         "store: one Redis round trip (the path has three: queued, running, result + wake)",
         p50(requests, || async { redis.ping().await.unwrap() }).await,
     ));
-    let queue = format!("pyrunner.bench.{}", std::process::id());
+    let queue = pyrunner_shared::queue::QueueSettings::named(&format!(
+        "pyrunner.bench.{}",
+        std::process::id()
+    ));
     let publisher =
         pyrunner_shared::queue::JobPublisher::connect(&pyrunner_tests::fleet::amqp_url(), &queue)
             .await
@@ -299,9 +302,11 @@ async fn profile(requests: usize) -> Vec<(&'static str, f64)> {
         })
         .await,
     ));
-    let _ = channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
+    for name in [queue.name.clone(), queue.dead_letter_queue()] {
+        let _ = channel
+            .queue_delete(name.as_str().into(), Default::default())
+            .await;
+    }
     fleet.stop().await;
 
     let mut args = pyrunner_tests::executor_args(1);
