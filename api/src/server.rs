@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use pyrunner_shared::queue::{JobPublisher, QueueError};
+use pyrunner_shared::queue::{Publisher, QueueError};
 use pyrunner_shared::store::{RedisStore, StoreError};
 use pyrunner_worker::config::SetupError;
 use pyrunner_worker::runtime::RuntimeError;
@@ -51,7 +51,7 @@ impl Api {
         policy.validate().map_err(StartError::Limits)?;
         let (backend, work_root) = match (&config.amqp_url, &config.redis_url) {
             (Some(amqp), Some(redis)) => {
-                let publisher = JobPublisher::connect(amqp, &config.queue).await?;
+                let publisher = Publisher::connect(amqp, &config.queue).await?;
                 let redis = RedisStore::new(redis, config.result_ttl(), config.max_sync_waiters)?;
                 (Backend::Fleet(FleetBackend::new(publisher, redis)), None)
             }

@@ -8,7 +8,9 @@
 //! - [`runtime`]: what the Python runtime of a worker offers.
 //! - [`isolation`]: the isolation layers, and the report of which ones runs get.
 //! - [`service`]: logging and the shutdown signal of both binaries.
+//! - [`backoff`]: waits between attempts to reach a dependency that is away.
 
+pub mod backoff;
 pub mod isolation;
 pub mod job;
 pub mod limits;

@@ -17,8 +17,12 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
 use thiserror::Error;
 
+use crate::backoff::Backoff;
 use crate::job::Job;
 
 /// The default name of the durable queue every job goes through.
@@ -167,6 +171,8 @@ pub enum QueueError {
     Refused { id: String },
     #[error("the broker connection is closed")]
     Disconnected,
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(Duration),
     #[error("cannot start consuming: {0}")]
     Consume(#[source] lapin::Error),
 }
@@ -273,9 +279,14 @@ impl JobPublisher {
         }
     }
 
+    /// Whether its connection and channel are open.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+
     /// How many consumers (worker slots' channels) the queue has right now.
     pub async fn consumer_count(&self) -> Result<u32, QueueError> {
-        if !self.connection.status().connected() {
+        if !self.is_connected() {
             return Err(QueueError::Disconnected);
         }
         Ok(self
@@ -283,6 +294,120 @@ impl JobPublisher {
             .declare(&self.channel, true)
             .await?
             .consumer_count())
+    }
+}
+
+/// Longest wait for the broker's confirm of a publish, or its answer to a declare.
+const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the publisher checks its connection while it is up.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// A [`JobPublisher`] that reconnects by itself. While the broker is away, publishing fails at
+/// once with [`QueueError::Disconnected`] (the api answers 503), and a background task
+/// reconnects with backoff.
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    url: String,
+    settings: QueueSettings,
+    current: Mutex<Option<JobPublisher>>,
+}
+
+impl Shared {
+    fn current(&self) -> Option<JobPublisher> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, publisher: Option<JobPublisher>) {
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = publisher;
+    }
+}
+
+impl Publisher {
+    /// Connects once (an unreachable broker or a queue declared otherwise is an error here), then
+    /// keeps the connection up in the background.
+    pub async fn connect(url: &str, settings: &QueueSettings) -> Result<Self, QueueError> {
+        let first = JobPublisher::connect(url, settings).await?;
+        let shared = Arc::new(Shared {
+            url: url.to_owned(),
+            settings: settings.clone(),
+            current: Mutex::new(Some(first)),
+        });
+        tokio::spawn(keep_connected(Arc::downgrade(&shared)));
+        Ok(Self { shared })
+    }
+
+    fn connected(&self) -> Result<JobPublisher, QueueError> {
+        self.shared
+            .current()
+            .filter(JobPublisher::is_connected)
+            .ok_or(QueueError::Disconnected)
+    }
+
+    /// Publishes one job; returns once the broker has it on disk.
+    pub async fn publish(&self, job: &Job) -> Result<(), QueueError> {
+        let publisher = self.connected()?;
+        tokio::time::timeout(BROKER_ANSWER_TIMEOUT, publisher.publish(job))
+            .await
+            .unwrap_or(Err(QueueError::Timeout(BROKER_ANSWER_TIMEOUT)))
+    }
+
+    /// How many consumers the queue has right now.
+    pub async fn consumer_count(&self) -> Result<u32, QueueError> {
+        let publisher = self.connected()?;
+        tokio::time::timeout(BROKER_ANSWER_TIMEOUT, publisher.consumer_count())
+            .await
+            .unwrap_or(Err(QueueError::Timeout(BROKER_ANSWER_TIMEOUT)))
+    }
+}
+
+/// Replaces a lost connection, with backoff, for as long as the publisher exists.
+async fn keep_connected(shared: Weak<Shared>) {
+    let mut backoff = Backoff::reconnect();
+    let mut lost = false;
+    loop {
+        tokio::time::sleep(CHECK_EVERY).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.current().is_some_and(|p| p.is_connected()) {
+            continue;
+        }
+        if !lost {
+            tracing::warn!("the broker connection is lost; reconnecting");
+            lost = true;
+        }
+        shared.set(None);
+        let attempt = tokio::time::timeout(
+            BROKER_ANSWER_TIMEOUT,
+            JobPublisher::connect(&shared.url, &shared.settings),
+        )
+        .await
+        .unwrap_or(Err(QueueError::Timeout(BROKER_ANSWER_TIMEOUT)));
+        match attempt {
+            Ok(publisher) => {
+                tracing::info!("reconnected to the broker");
+                shared.set(Some(publisher));
+                backoff.reset();
+                lost = false;
+            }
+            Err(error) => {
+                let wait = backoff.next_wait();
+                tracing::warn!(%error, ?wait, "cannot reconnect to the broker yet");
+                drop(shared);
+                tokio::time::sleep(wait).await;
+            }
+        }
     }
 }
 

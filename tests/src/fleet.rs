@@ -18,21 +18,26 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The `host:port` of a service URL, with `default_port` when it names none.
+pub fn service_addr(url: &str, default_port: u16) -> String {
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.rsplit('@').next())
+        .and_then(|h| h.split('/').next())
+        .unwrap_or("127.0.0.1")
+        .to_owned();
+    if host.contains(':') {
+        host
+    } else {
+        format!("{host}:{default_port}")
+    }
+}
+
 /// Panics with a clear message when RabbitMQ or Redis cannot be reached.
 pub fn require_services() {
     for (name, url, port) in [("RabbitMQ", amqp_url(), 5672), ("Redis", redis_url(), 6379)] {
-        let host = url
-            .split("://")
-            .nth(1)
-            .and_then(|rest| rest.rsplit('@').next())
-            .and_then(|h| h.split('/').next())
-            .unwrap_or("127.0.0.1")
-            .to_owned();
-        let addr = if host.contains(':') {
-            host
-        } else {
-            format!("{host}:{port}")
-        };
+        let addr = service_addr(&url, port);
         let reachable = addr
             .parse()
             .ok()
@@ -99,19 +104,19 @@ impl Fleet {
         Self::launch(0, env, false).await
     }
 
-    async fn launch(workers: usize, env: &[(&str, &str)], fleet_mode: bool) -> Fleet {
+    async fn launch(workers: usize, env_in: &[(&str, &str)], fleet_mode: bool) -> Fleet {
         let queue = format!("pyrunner.test.{}", uuid::Uuid::new_v4());
         let port = free_port();
-        let mut env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        if fleet_mode {
-            env.extend([
+        // The machine's broker and store unless the test names others.
+        let mut env: Vec<(String, String)> = if fleet_mode {
+            vec![
                 ("AMQP_URL".into(), amqp_url()),
                 ("REDIS_URL".into(), redis_url()),
-            ]);
-        }
+            ]
+        } else {
+            Vec::new()
+        };
+        env.extend(env_in.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         env.extend([
             ("PYRUNNER_QUEUE".into(), queue.clone()),
             (
@@ -121,6 +126,7 @@ impl Fleet {
             ("RUST_LOG".into(), "info".into()),
         ]);
         let logs = tempfile::tempdir().expect("log dir");
+        let api_log = std::fs::File::create(logs.path().join("api.log")).unwrap();
         let mut api_cmd = Command::new(binary("pyrunner-api"));
         if !fleet_mode {
             api_cmd.env_remove("AMQP_URL").env_remove("REDIS_URL");
@@ -128,8 +134,8 @@ impl Fleet {
         api_cmd
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("PYRUNNER_BIND", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(logs.path().join("api.log")).unwrap());
+            .stdout(api_log.try_clone().unwrap())
+            .stderr(api_log);
         let api = api_cmd.spawn().expect("start the api");
         let mut fleet = Fleet {
             queue,

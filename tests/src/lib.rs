@@ -4,6 +4,7 @@
 pub mod catalogue;
 pub mod fleet;
 pub mod http;
+pub mod outage;
 pub mod procfs;
 
 use std::path::PathBuf;

@@ -1,11 +1,12 @@
 //! Faults across the fleet, on the real RabbitMQ and Redis with real worker processes: every
 //! accepted job gets exactly one final answer, whatever breaks in between.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyrunner_shared::RunStatus;
-use pyrunner_tests::fleet::Fleet;
-use pyrunner_tests::http::{poll_done, post_json, run};
+use pyrunner_tests::fleet::{amqp_url, service_addr, Fleet};
+use pyrunner_tests::http::{get, poll_done, post_json, run};
+use pyrunner_tests::outage::{PrivateRedis, Proxy};
 use serde_json::json;
 
 /// Small workers: one run at a time, two warm children.
@@ -175,5 +176,99 @@ async fn sync_runs_past_the_waiting_limit_get_503_at_once() {
     // Their places are free again.
     let reply = post_json(&run_url, &json!({ "code": "pass", "timeout_ms": 100 })).await;
     assert_eq!(reply.status, 504, "{reply:?}");
+    fleet.stop().await;
+}
+
+/// Checks that the api says it is not ready, and refuses new work with 503 and Retry-After.
+async fn refuses_work_while_away(fleet: &Fleet, what: &str) {
+    let ready = get(&format!("{}/readyz", fleet.url)).await;
+    assert_eq!(ready.status, 503, "{ready:?}");
+    assert!(
+        ready.body["reason"].as_str().unwrap_or("").contains(what),
+        "{ready:?}"
+    );
+    let started = Instant::now();
+    let reply = post_json(&format!("{}/jobs", fleet.url), &json!({ "code": "pass" })).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "it hung");
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert_eq!(reply.body["error"]["code"], "service_unavailable");
+    assert!(reply.headers.contains_key("retry-after"), "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_rides_out_a_broker_outage() {
+    let broker = service_addr(&amqp_url(), 5672).parse().unwrap();
+    let proxy = Proxy::start(broker).await;
+    let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let env = [SMALL[0], SMALL[1], ("AMQP_URL", through_proxy.as_str())];
+    let fleet = Fleet::start(1, &env).await;
+    assert_eq!(
+        run(&fleet.url, &json!({ "code": "pass" })).await.status,
+        RunStatus::Success
+    );
+    // A run in flight while the broker goes away.
+    let url = fleet.url.clone();
+    let client = tokio::spawn(async move {
+        run(
+            &url,
+            &json!({ "code": "import time; time.sleep(2); print('through')" }),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    refuses_work_while_away(&fleet, "broker").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.restore();
+    let result = tokio::time::timeout(Duration::from_secs(30), client)
+        .await
+        .expect("the waiting client got an answer")
+        .unwrap();
+    assert_eq!(result.status, RunStatus::Success, "{result:?}");
+    assert_eq!(result.stdout, "through\n");
+    // The api and the worker reconnect by themselves.
+    fleet.wait_for("/readyz").await;
+    let after = run(&fleet.url, &json!({ "code": "print('after')" })).await;
+    assert_eq!(after.stdout, "after\n", "{after:?}");
+    assert!(fleet.worker_log(0).contains("reconnecting"));
+    assert!(fleet.api_log().contains("reconnected to the broker"));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_rides_out_a_redis_restart() {
+    let mut redis = PrivateRedis::start();
+    let redis_url = redis.url();
+    let env = [SMALL[0], SMALL[1], ("REDIS_URL", redis_url.as_str())];
+    let fleet = Fleet::start(1, &env).await;
+    assert_eq!(
+        run(&fleet.url, &json!({ "code": "pass" })).await.status,
+        RunStatus::Success
+    );
+    // A run in flight while Redis restarts: the worker keeps its result until Redis is back,
+    // and the waiting client gets it.
+    let url = fleet.url.clone();
+    let client = tokio::spawn(async move {
+        run(
+            &url,
+            &json!({ "code": "import time; time.sleep(2); print('kept')" }),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    redis.stop();
+    refuses_work_while_away(&fleet, "store").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    redis.restart();
+    let result = tokio::time::timeout(Duration::from_secs(30), client)
+        .await
+        .expect("the waiting client got an answer")
+        .unwrap();
+    assert_eq!(result.status, RunStatus::Success, "{result:?}");
+    assert_eq!(result.stdout, "kept\n");
+    fleet.wait_for("/readyz").await;
+    let after = run(&fleet.url, &json!({ "code": "print('after')" })).await;
+    assert_eq!(after.stdout, "after\n", "{after:?}");
     fleet.stop().await;
 }

@@ -6,10 +6,12 @@
 //! ("worker lost") and the message goes to the dead-letter queue, as a malformed one does.
 
 use std::future::Future;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use pyrunner_shared::backoff::Backoff;
 use pyrunner_shared::queue::{self, QueueError, QueueSettings};
 use pyrunner_shared::store::{ResultStore, StoreError};
 use pyrunner_shared::{Job, JobId, RunResult};
@@ -18,15 +20,15 @@ use tokio::task::JoinSet;
 
 use crate::executor::Executor;
 
+/// How long a finished run's result is retried while the store is away, before its job is
+/// given back to the queue.
+const STORE_RETRY_WINDOW: Duration = Duration::from_secs(60);
+
 /// The worker loop stopped for a reason other than shutdown.
 #[derive(Debug, Error)]
 pub enum ConsumerError {
     #[error(transparent)]
     Queue(#[from] QueueError),
-    #[error("the broker cancelled the consumer or closed the connection")]
-    Cancelled,
-    #[error("cannot receive from the broker: {0}")]
-    Receive(#[source] lapin::Error),
 }
 
 /// Runs one job: waits for a slot, marks the job running, runs it and stores the result.
@@ -46,7 +48,7 @@ pub async fn process_job(
     if let Err(error) = marked {
         tracing::warn!(job = %job.id, %error, "cannot mark job running");
     }
-    if !store.put_result(&result).await? {
+    if !store_result(store, &result).await? {
         tracing::info!(job = %job.id, "a result was already stored; keeping the first");
     }
     tracing::info!(
@@ -59,7 +61,10 @@ pub async fn process_job(
     Ok(result)
 }
 
-/// Consumes jobs until `shutdown` completes, then finishes the runs in flight.
+/// Consumes jobs until `shutdown` completes, then finishes the runs in flight. A lost broker
+/// connection is reopened with backoff; the runs in flight go on meanwhile (their messages went
+/// back to the queue with the connection, and the first result stored for a job is the one
+/// kept). Returns an error only for a queue declared with other arguments.
 pub async fn consume(
     amqp_url: &str,
     queue: &QueueSettings,
@@ -67,38 +72,101 @@ pub async fn consume(
     store: ResultStore,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ConsumerError> {
-    let connection = queue::connect(amqp_url).await?;
     let prefetch = u16::try_from(executor.concurrency()).unwrap_or(u16::MAX);
     let tag = format!("pyrunner-worker-{}", std::process::id());
-    let (channel, mut consumer) = queue::consume(&connection, queue, prefetch, &tag).await?;
-    tracing::info!(queue = queue.name, prefetch, "consuming jobs");
     let mut in_flight = JoinSet::new();
+    let mut backoff = Backoff::reconnect();
     tokio::pin!(shutdown);
-    let outcome = loop {
-        tokio::select! {
-            delivery = consumer.next() => match delivery {
-                Some(Ok(delivery)) => {
-                    let (executor, store) = (executor.clone(), store.clone());
-                    let max_deliveries = queue.max_deliveries;
-                    in_flight.spawn(async move {
-                        handle(delivery, &executor, &store, max_deliveries).await
-                    });
-                }
-                Some(Err(error)) => break Err(ConsumerError::Receive(error)),
-                None => break Err(ConsumerError::Cancelled),
-            },
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+    let outcome = 'session: loop {
+        let opened = tokio::select! {
+            opened = open(amqp_url, queue, prefetch, &tag) => opened,
             _ = &mut shutdown => break Ok(()),
+        };
+        let (connection, channel, mut consumer) = match opened {
+            Ok(session) => session,
+            Err(error @ QueueError::Mismatch { .. }) => break Err(error.into()),
+            Err(error) => {
+                let wait = backoff.next_wait();
+                tracing::warn!(%error, ?wait, "cannot reach the broker yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue 'session,
+                    _ = &mut shutdown => break Ok(()),
+                }
+            }
+        };
+        backoff.reset();
+        tracing::info!(queue = queue.name, prefetch, "consuming jobs");
+        let lost = loop {
+            tokio::select! {
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => {
+                        let (executor, store) = (executor.clone(), store.clone());
+                        let max_deliveries = queue.max_deliveries;
+                        in_flight.spawn(async move {
+                            handle(delivery, &executor, &store, max_deliveries).await
+                        });
+                    }
+                    Some(Err(error)) => break Some(error.to_string()),
+                    None => break Some("the broker cancelled the consumer".to_owned()),
+                },
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                _ = &mut shutdown => break None,
+            }
+        };
+        match lost {
+            None => {
+                finish(&mut in_flight).await;
+                let _ = channel.close(200, "worker stopping".into()).await;
+                let _ = connection.close(200, "worker stopping".into()).await;
+                return Ok(());
+            }
+            Some(reason) => tracing::warn!(
+                %reason,
+                runs = in_flight.len(),
+                "the broker connection is lost; reconnecting (the runs in flight go on)"
+            ),
         }
     };
+    finish(&mut in_flight).await;
+    outcome
+}
+
+/// Opens a connection and a consuming channel.
+async fn open(
+    amqp_url: &str,
+    queue: &QueueSettings,
+    prefetch: u16,
+    tag: &str,
+) -> Result<(lapin::Connection, lapin::Channel, lapin::Consumer), QueueError> {
+    let connection = queue::connect(amqp_url).await?;
+    let (channel, consumer) = queue::consume(&connection, queue, prefetch, tag).await?;
+    Ok((connection, channel, consumer))
+}
+
+async fn finish(in_flight: &mut JoinSet<()>) {
     tracing::info!(
         runs = in_flight.len(),
         "stopping: finishing the runs in flight"
     );
     while in_flight.join_next().await.is_some() {}
-    let _ = channel.close(200, "worker stopping".into()).await;
-    let _ = connection.close(200, "worker stopping".into()).await;
-    outcome
+}
+
+/// Stores `result`, retrying with backoff for up to [`STORE_RETRY_WINDOW`] while the store is
+/// away (a Redis restart), so that a finished run's answer is not lost with it.
+async fn store_result(store: &ResultStore, result: &RunResult) -> Result<bool, StoreError> {
+    let deadline = Instant::now() + STORE_RETRY_WINDOW;
+    let mut backoff = Backoff::reconnect();
+    loop {
+        match store.put_result(result).await {
+            Ok(first) => return Ok(first),
+            Err(error) if Instant::now() < deadline => {
+                let wait = backoff.next_wait();
+                tracing::warn!(job = %result.id, %error, ?wait, "cannot store the result yet; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 async fn handle(delivery: Delivery, executor: &Executor, store: &ResultStore, max_deliveries: u32) {
@@ -140,7 +208,7 @@ async fn handle(delivery: Delivery, executor: &Executor, store: &ResultStore, ma
                 "worker lost: the job was handed to a worker {previous} times and none finished it"
             ),
         );
-        match store.put_result(&result).await {
+        match store_result(store, &result).await {
             Ok(_) => dead_letter(&delivery).await,
             Err(error) => {
                 // The broker dead-letters it after one more delivery in any case.

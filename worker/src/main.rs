@@ -31,6 +31,17 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .put_runtime_info(&serde_json::to_string(&info)?)
         .await
         .context("cannot reach redis")?;
+    // Republished now and then: a Redis restart loses it, and the api reads it for `GET /`.
+    let info_json = serde_json::to_string(&info)?;
+    let publisher = redis.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            if let Err(error) = publisher.put_runtime_info(&info_json).await {
+                tracing::debug!(%error, "cannot republish the runtime info");
+            }
+        }
+    });
     let store = ResultStore::Redis(redis);
     pyrunner_worker::consumer::consume(
         &config.amqp_url,

@@ -1,6 +1,6 @@
 //! Fleet mode: jobs go to RabbitMQ, results come back through Redis.
 
-use pyrunner_shared::queue::{JobPublisher, QueueError};
+use pyrunner_shared::queue::{Publisher, QueueError};
 use pyrunner_shared::runtime::RuntimeInfo;
 use pyrunner_shared::store::{RedisStore, ResultStore};
 use pyrunner_shared::Job;
@@ -8,14 +8,14 @@ use pyrunner_shared::Job;
 /// The fleet backend.
 #[derive(Clone)]
 pub struct FleetBackend {
-    publisher: JobPublisher,
+    publisher: Publisher,
     redis: RedisStore,
     store: ResultStore,
 }
 
 impl FleetBackend {
     /// Publishes with `publisher` and reads results from `redis`.
-    pub fn new(publisher: JobPublisher, redis: RedisStore) -> Self {
+    pub fn new(publisher: Publisher, redis: RedisStore) -> Self {
         Self {
             publisher,
             store: ResultStore::Redis(redis.clone()),
