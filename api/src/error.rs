@@ -68,6 +68,18 @@ impl ApiError {
         )
     }
 
+    /// The job has a result already, so it cannot be cancelled.
+    pub fn job_finished(id: JobId) -> Self {
+        Self {
+            job_id: Some(id),
+            ..Self::new(
+                StatusCode::CONFLICT,
+                "job_finished",
+                format!("job {id} has finished already; GET /jobs/{id} has its result"),
+            )
+        }
+    }
+
     /// The route does not exist.
     pub fn route_not_found(path: &str) -> Self {
         Self::new(

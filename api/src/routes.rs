@@ -13,7 +13,7 @@ use pyrunner_shared::queue::QueueError;
 use pyrunner_shared::{Job, JobId, RunRequest};
 use serde_json::json;
 
-use crate::backend::SubmitError;
+use crate::backend::{Cancelled, SubmitError};
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -27,7 +27,7 @@ pub fn app(state: AppState) -> Router {
         .route("/isolation", get(isolation))
         .route("/run", post(run_code))
         .route("/jobs", post(submit_job))
-        .route("/jobs/{id}", get(get_job))
+        .route("/jobs/{id}", get(get_job).delete(cancel_job))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::trace::TraceLayer::new_for_http())
@@ -123,6 +123,25 @@ async fn get_job(
         Ok(Some(view)) => Ok(Json(view).into_response()),
         Ok(None) => Err(ApiError::job_not_found(&id)),
         Err(e) => Err(ApiError::unavailable("cannot read the job", e)),
+    }
+}
+
+/// `DELETE /jobs/{id}`: cancels a queued or running job; its result says `cancelled`.
+async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let Ok(job_id) = id.parse::<JobId>() else {
+        return Err(ApiError::job_not_found(&id));
+    };
+    match state.backend().cancel(job_id).await {
+        Ok(Cancelled::Now(view)) => {
+            tracing::info!(job = %job_id, "job cancelled");
+            Ok(Json(view).into_response())
+        }
+        Ok(Cancelled::AlreadyDone(_)) => Err(ApiError::job_finished(job_id)),
+        Ok(Cancelled::Unknown) => Err(ApiError::job_not_found(&id)),
+        Err(e) => Err(ApiError::unavailable("cannot cancel the job", e)),
     }
 }
 

@@ -23,6 +23,8 @@ pub enum RunStatus {
     Killed,
     /// The service failed; never the user's code.
     InternalError,
+    /// Cancelled with `DELETE /jobs/{id}` before it finished.
+    Cancelled,
 }
 
 impl RunStatus {
@@ -36,6 +38,7 @@ impl RunStatus {
             RunStatus::OutputLimitExceeded => "output_limit_exceeded",
             RunStatus::Killed => "killed",
             RunStatus::InternalError => "internal_error",
+            RunStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -74,6 +77,15 @@ pub struct RunResult {
 }
 
 impl RunResult {
+    /// The result of a job cancelled before it finished: whatever it had written is dropped.
+    pub fn cancelled(id: JobId) -> Self {
+        Self {
+            status: RunStatus::Cancelled,
+            stderr: String::new(),
+            ..Self::internal_error(id, "")
+        }
+    }
+
     /// The result of a run the service could not carry out. The reason is logged by the caller;
     /// the client only learns that the service failed.
     pub fn internal_error(id: JobId, message: &str) -> Self {
@@ -109,6 +121,7 @@ mod tests {
             RunStatus::OutputLimitExceeded,
             RunStatus::Killed,
             RunStatus::InternalError,
+            RunStatus::Cancelled,
         ];
         for s in all {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());

@@ -59,13 +59,14 @@ impl ResultStore {
         }
     }
 
-    /// Records that a worker has started the job.
-    pub async fn mark_running(&self, id: JobId) -> Result<(), StoreError> {
+    /// Records that a worker has started the job. Returns true when the job already has a
+    /// result (it was cancelled while it waited in the queue), in which case it need not run.
+    pub async fn mark_running(&self, id: JobId) -> Result<bool, StoreError> {
         match self {
-            ResultStore::Redis(s) => s.set_state(id, JobState::Running).await,
+            ResultStore::Redis(s) => s.mark_running(id).await,
             ResultStore::Memory(s) => {
                 s.set_state(id, JobState::Running);
-                Ok(())
+                Ok(false)
             }
         }
     }
@@ -145,6 +146,8 @@ mod keys {
         format!("pyrunner:job:{{{id}}}:done")
     }
     pub const RUNTIME: &str = "pyrunner:runtime";
+    /// The channel on which the api tells the workers which job to stop.
+    pub const CANCEL: &str = "pyrunner:cancel";
 }
 
 /// Job state and results in Redis.
@@ -155,6 +158,7 @@ pub struct RedisStore {
     /// Blocking waits, which hold their connection until the result comes or the wait ends.
     wait_pool: Pool,
     ttl_secs: u64,
+    url: String,
 }
 
 impl RedisStore {
@@ -174,6 +178,7 @@ impl RedisStore {
             pool: make(64)?,
             wait_pool: make(max_waiters.max(1))?,
             ttl_secs: ttl.as_secs().max(1),
+            url: url.to_owned(),
         })
     }
 
@@ -190,12 +195,39 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn set_state(&self, id: JobId, state: JobState) -> Result<(), StoreError> {
+    async fn mark_running(&self, id: JobId) -> Result<bool, StoreError> {
         let mut conn = self.pool.get().await?;
-        let _: () = conn
-            .set_ex(keys::state(id), state.as_str(), self.ttl_secs)
+        let ((), done): ((), bool) = redis::pipe()
+            .set_ex(keys::state(id), JobState::Running.as_str(), self.ttl_secs)
+            .exists(keys::result(id))
+            .query_async(&mut *conn)
             .await?;
+        Ok(done)
+    }
+
+    /// Tells every worker subscribed with [`RedisStore::cancellations`] to stop job `id`.
+    pub async fn publish_cancel(&self, id: JobId) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        let _: i64 = conn.publish(keys::CANCEL, id.to_string()).await?;
         Ok(())
+    }
+
+    /// Subscribes to the cancellations; each message is the id of a job to stop.
+    pub async fn cancellations(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = JobId> + use<>, StoreError> {
+        let client = redis::Client::open(self.url.as_str())?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(keys::CANCEL).await?;
+        Ok(futures_util::StreamExt::filter_map(
+            pubsub.into_on_message(),
+            |message| async move {
+                message
+                    .get_payload::<String>()
+                    .ok()
+                    .and_then(|id| id.parse().ok())
+            },
+        ))
     }
 
     async fn put_result(&self, result: &RunResult) -> Result<bool, StoreError> {

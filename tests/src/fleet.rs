@@ -200,6 +200,22 @@ impl Fleet {
         let _ = child.wait();
     }
 
+    /// Stops worker `index` as an orchestrator does (SIGTERM), and waits up to `within` for it
+    /// to exit; panics if it does not.
+    pub fn terminate_worker(&mut self, index: usize, within: Duration) {
+        let child = &mut self.workers[index].0;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + within;
+        while matches!(child.try_wait(), Ok(None)) {
+            assert!(
+                Instant::now() < deadline,
+                "worker {index} did not exit on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits (at most `within`) until a worker has started job `id` (or, with `None`, any job
     /// not yet seen in `skip`), and returns its index.
     pub async fn worker_running(

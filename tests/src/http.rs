@@ -164,3 +164,69 @@ pub async fn poll_done(base: &str, id: &str, within: Duration) -> JobView {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Submits code with `POST /jobs`; returns the job id.
+pub async fn submit(base: &str, request: &Value) -> String {
+    let reply = post_json(&format!("{base}/jobs"), request).await;
+    assert_eq!(reply.status, 202, "{reply:?}");
+    reply.body["id"].as_str().expect("a job id").to_owned()
+}
+
+/// Polls `GET /jobs/{id}` until the job is in `state` (at most `within`).
+pub async fn wait_state(base: &str, id: &str, state: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let reply = get(&format!("{base}/jobs/{id}")).await;
+        if reply.body["status"] == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} not {state} within {within:?}: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Through an api whose workers run one job at a time: cancels a queued job and a running one,
+/// and checks that both end `cancelled`, that the running one is stopped at once (the next run
+/// is answered long before it would have ended), and what a second cancellation, an unknown id
+/// and a malformed one get.
+pub async fn check_cancellation(base: &str) {
+    let long = json!({ "code": "import time; time.sleep(60)", "timeout_ms": 90_000 });
+    let running = submit(base, &long).await;
+    wait_state(base, &running, "running", Duration::from_secs(20)).await;
+    let queued = submit(base, &json!({ "code": "print('never')" })).await;
+    for id in [&queued, &running] {
+        let reply = send("DELETE", &format!("{base}/jobs/{id}"), None).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.body["status"], "done", "{reply:?}");
+        assert_eq!(reply.body["result"]["status"], "cancelled", "{reply:?}");
+    }
+    let started = Instant::now();
+    let next = run(base, &json!({ "code": "print(7)" })).await;
+    assert_eq!(next.stdout, "7\n", "{next:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the cancelled run held its slot"
+    );
+    for id in [&queued, &running] {
+        let view = poll_done(base, id, Duration::from_secs(1)).await;
+        let result = view.result.unwrap();
+        assert_eq!(
+            result.status,
+            pyrunner_shared::RunStatus::Cancelled,
+            "{result:?}"
+        );
+        assert_eq!(result.stdout, "", "{result:?}");
+    }
+    let again = send("DELETE", &format!("{base}/jobs/{running}"), None).await;
+    assert_eq!(again.status, 409, "{again:?}");
+    assert_eq!(again.body["error"]["code"], "job_finished", "{again:?}");
+    let unknown = pyrunner_shared::JobId::new();
+    for id in [unknown.to_string(), "not-a-job".to_owned()] {
+        let reply = send("DELETE", &format!("{base}/jobs/{id}"), None).await;
+        assert_eq!(reply.status, 404, "{reply:?}");
+        assert_eq!(reply.body["error"]["code"], "job_not_found", "{reply:?}");
+    }
+}

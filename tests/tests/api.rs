@@ -435,3 +435,9 @@ async fn isolation_reports_every_layer_and_each_result_names_its_own() {
     let info = get(&format!("{}/", api.url)).await;
     assert_eq!(info.body["isolation"], report.body["active"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_and_running_jobs_can_be_cancelled() {
+    let api = EmbeddedApi::start(&["--concurrency", "1"]).await;
+    pyrunner_tests::http::check_cancellation(&api.url).await;
+}

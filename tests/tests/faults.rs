@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use pyrunner_shared::RunStatus;
 use pyrunner_tests::fleet::{amqp_url, service_addr, Fleet};
-use pyrunner_tests::http::{get, poll_done, post_json, run};
+use pyrunner_tests::http::{get, poll_done, post_json, run, submit};
 use pyrunner_tests::outage::{PrivateRedis, Proxy};
 use serde_json::json;
 
@@ -270,5 +270,62 @@ async fn the_fleet_rides_out_a_redis_restart() {
     fleet.wait_for("/readyz").await;
     let after = run(&fleet.url, &json!({ "code": "print('after')" })).await;
     assert_eq!(after.stdout, "after\n", "{after:?}");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_and_running_jobs_can_be_cancelled_across_the_fleet() {
+    let fleet = Fleet::start(1, &SMALL).await;
+    pyrunner_tests::http::check_cancellation(&fleet.url).await;
+    assert!(fleet.worker_log(0).contains("stopping a cancelled job"));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_finishes_its_run_or_requeues_it_at_its_deadline() {
+    let env = [SMALL[0], SMALL[1], ("PYRUNNER_SHUTDOWN_GRACE_SECS", "2")];
+    let mut fleet = Fleet::start(1, &env).await;
+    // A run shorter than the grace period is finished and answered by the stopping worker.
+    let short = submit(
+        &fleet.url,
+        &json!({ "code": "import time; time.sleep(1); print('short')" }),
+    )
+    .await;
+    fleet
+        .worker_running(Some(&short), &[], Duration::from_secs(20))
+        .await;
+    fleet.terminate_worker(0, Duration::from_secs(10));
+    let result = poll_done(&fleet.url, &short, Duration::from_secs(5))
+        .await
+        .result
+        .unwrap();
+    assert_eq!(result.stdout, "short\n", "{result:?}");
+    // A run longer than it is stopped at the deadline and requeued; another worker finishes it.
+    fleet.add_worker();
+    let long = submit(
+        &fleet.url,
+        &json!({ "code": "import time; time.sleep(4); print('long')" }),
+    )
+    .await;
+    fleet
+        .worker_running(Some(&long), &[0], Duration::from_secs(20))
+        .await;
+    let stopping = Instant::now();
+    fleet.terminate_worker(1, Duration::from_secs(10));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "it waited for the run"
+    );
+    assert!(fleet
+        .worker_log(1)
+        .contains("requeueing a job stopped at shutdown"));
+    fleet.add_worker();
+    let result = poll_done(&fleet.url, &long, Duration::from_secs(30))
+        .await
+        .result
+        .unwrap();
+    assert_eq!(result.status, RunStatus::Success, "{result:?}");
+    assert_eq!(result.stdout, "long\n", "{result:?}");
+    assert!(fleet.worker_log(2).contains(&long));
     fleet.stop().await;
 }

@@ -282,11 +282,20 @@ pub struct WorkerConfig {
     /// How long results stay retrievable, in seconds.
     #[arg(long, env = "PYRUNNER_RESULT_TTL_SECS", default_value_t = 3600)]
     pub result_ttl_secs: u64,
+    /// On SIGTERM the worker stops consuming and lets its runs finish for this long, in seconds;
+    /// then it stops those left and requeues their jobs for another worker.
+    #[arg(long, env = "PYRUNNER_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
     #[command(flatten)]
     pub executor: ExecutorArgs,
 }
 
 impl WorkerConfig {
+    /// How long runs may finish after SIGTERM.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
     /// The result TTL.
     pub fn result_ttl(&self) -> Duration {
         Duration::from_secs(self.result_ttl_secs.max(1))

@@ -10,15 +10,16 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicRejectOptions};
 use pyrunner_shared::backoff::Backoff;
 use pyrunner_shared::queue::{self, QueueError, QueueSettings};
-use pyrunner_shared::store::{ResultStore, StoreError};
+use pyrunner_shared::store::{RedisStore, ResultStore, StoreError};
 use pyrunner_shared::{Job, JobId, RunResult};
 use thiserror::Error;
 use tokio::task::JoinSet;
 
 use crate::executor::Executor;
+use crate::in_flight::{Control, InFlight};
 
 /// How long a finished run's result is retried while the store is away, before its job is
 /// given back to the queue.
@@ -32,21 +33,36 @@ pub enum ConsumerError {
 }
 
 /// Runs one job: waits for a slot, marks the job running, runs it and stores the result.
-/// Returns the result whether or not it was the first one stored for the id.
+/// Returns the result whether or not it was the first one stored for the id, or `None` when
+/// `control` stopped the job for it to go back to the queue (nothing is stored then).
 pub async fn process_job(
     executor: &Executor,
     store: &ResultStore,
     job: &Job,
-) -> Result<RunResult, StoreError> {
-    let reservation = executor.reserve().await;
-    tracing::info!(job = %job.id, "run started");
-    // The state is written while the run goes on, and before the result.
-    let (marked, result) = tokio::join!(
-        store.mark_running(job.id),
-        executor.run_in(reservation, job)
-    );
-    if let Err(error) = marked {
-        tracing::warn!(job = %job.id, %error, "cannot mark job running");
+    control: &Control,
+) -> Result<Option<RunResult>, StoreError> {
+    let result = tokio::select! {
+        reservation = executor.reserve() => {
+            tracing::info!(job = %job.id, "run started");
+            // The state is written while the run goes on, and before the result. A job that
+            // already has a result was cancelled while it waited: its run stops at once.
+            let marking = async {
+                match store.mark_running(job.id).await {
+                    Ok(true) => control.token.cancel(),
+                    Ok(false) => {}
+                    Err(error) => tracing::warn!(job = %job.id, %error, "cannot mark job running"),
+                }
+            };
+            let ((), result) = tokio::join!(
+                marking,
+                executor.run_until(reservation, job, &control.token)
+            );
+            result
+        }
+        _ = control.token.cancelled() => RunResult::cancelled(job.id),
+    };
+    if control.requeued() {
+        return Ok(None);
     }
     if !store_result(store, &result).await? {
         tracing::info!(job = %job.id, "a result was already stored; keeping the first");
@@ -58,7 +74,7 @@ pub async fn process_job(
         cpu_ms = result.cpu_ms,
         "run finished"
     );
-    Ok(result)
+    Ok(Some(result))
 }
 
 /// Consumes jobs until `shutdown` completes, then finishes the runs in flight. A lost broker
@@ -70,11 +86,20 @@ pub async fn consume(
     queue: &QueueSettings,
     executor: Executor,
     store: ResultStore,
+    grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ConsumerError> {
     let prefetch = u16::try_from(executor.concurrency()).unwrap_or(u16::MAX);
     let tag = format!("pyrunner-worker-{}", std::process::id());
     let mut in_flight = JoinSet::new();
+    let held = InFlight::default();
+    let watcher = match &store {
+        ResultStore::Redis(redis) => Some(tokio::spawn(watch_cancellations(
+            redis.clone(),
+            held.clone(),
+        ))),
+        ResultStore::Memory(_) => None,
+    };
     let mut backoff = Backoff::reconnect();
     tokio::pin!(shutdown);
     let outcome = 'session: loop {
@@ -101,9 +126,9 @@ pub async fn consume(
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
                         let (executor, store) = (executor.clone(), store.clone());
-                        let max_deliveries = queue.max_deliveries;
+                        let (max_deliveries, held) = (queue.max_deliveries, held.clone());
                         in_flight.spawn(async move {
-                            handle(delivery, &executor, &store, max_deliveries).await
+                            handle(delivery, &executor, &store, &held, max_deliveries).await
                         });
                     }
                     Some(Err(error)) => break Some(error.to_string()),
@@ -115,9 +140,16 @@ pub async fn consume(
         };
         match lost {
             None => {
-                finish(&mut in_flight).await;
+                // No more deliveries; those not started yet go back with the channel.
+                let _ = channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+                finish(&mut in_flight, &held, grace).await;
                 let _ = channel.close(200, "worker stopping".into()).await;
                 let _ = connection.close(200, "worker stopping".into()).await;
+                if let Some(watcher) = watcher {
+                    watcher.abort();
+                }
                 return Ok(());
             }
             Some(reason) => tracing::warn!(
@@ -127,8 +159,37 @@ pub async fn consume(
             ),
         }
     };
-    finish(&mut in_flight).await;
+    finish(&mut in_flight, &held, grace).await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     outcome
+}
+
+/// Stops the runs of the jobs cancelled through the store, for as long as the worker consumes;
+/// a lost subscription is renewed with backoff. A cancellation missed meanwhile costs only CPU:
+/// the cancelled result was stored first, and it is the one kept.
+async fn watch_cancellations(redis: RedisStore, held: InFlight) {
+    let mut backoff = Backoff::reconnect();
+    loop {
+        match redis.cancellations().await {
+            Ok(cancellations) => {
+                backoff.reset();
+                tokio::pin!(cancellations);
+                while let Some(id) = cancellations.next().await {
+                    if held.cancel(id) {
+                        tracing::info!(job = %id, "stopping a cancelled job");
+                    }
+                }
+                tracing::warn!("the cancellation subscription ended; renewing it");
+            }
+            Err(error) => {
+                let wait = backoff.next_wait();
+                tracing::warn!(%error, ?wait, "cannot subscribe to cancellations yet");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
 }
 
 /// Opens a connection and a consuming channel.
@@ -143,12 +204,22 @@ async fn open(
     Ok((connection, channel, consumer))
 }
 
-async fn finish(in_flight: &mut JoinSet<()>) {
+/// Lets the jobs in flight finish within `grace`; past it, stops their runs and requeues them.
+async fn finish(in_flight: &mut JoinSet<()>, held: &InFlight, grace: Duration) {
     tracing::info!(
         runs = in_flight.len(),
+        ?grace,
         "stopping: finishing the runs in flight"
     );
-    while in_flight.join_next().await.is_some() {}
+    let all = async { while in_flight.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, all).await.is_err() {
+        let stopped = held.requeue_all();
+        tracing::warn!(
+            runs = stopped,
+            "the shutdown deadline passed: stopping the runs left and requeueing their jobs"
+        );
+        while in_flight.join_next().await.is_some() {}
+    }
 }
 
 /// Stores `result`, retrying with backoff for up to [`STORE_RETRY_WINDOW`] while the store is
@@ -169,7 +240,13 @@ async fn store_result(store: &ResultStore, result: &RunResult) -> Result<bool, S
     }
 }
 
-async fn handle(delivery: Delivery, executor: &Executor, store: &ResultStore, max_deliveries: u32) {
+async fn handle(
+    delivery: Delivery,
+    executor: &Executor,
+    store: &ResultStore,
+    held: &InFlight,
+    max_deliveries: u32,
+) {
     let previous = queue::previous_deliveries(&delivery);
     let job = match queue::decode(&delivery.data) {
         Ok(job) => job,
@@ -221,11 +298,16 @@ async fn handle(delivery: Delivery, executor: &Executor, store: &ResultStore, ma
     if previous > 0 {
         tracing::warn!(job = %job.id, deliveries = previous, "running a job again: its worker was lost");
     }
-    match process_job(executor, store, &job).await {
-        Ok(_) => {
+    let holding = held.hold(job.id);
+    match process_job(executor, store, &job, &holding.control).await {
+        Ok(Some(_)) => {
             if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
                 tracing::warn!(job = %job.id, %error, "cannot ack; the job may run again");
             }
+        }
+        Ok(None) => {
+            tracing::info!(job = %job.id, "requeueing a job stopped at shutdown");
+            requeue(&delivery).await;
         }
         Err(error) => {
             // The result is not stored: give the job back so that a worker retries it.

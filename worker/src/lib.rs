@@ -10,12 +10,14 @@
 //! - [`reaper`]: reaping the processes runs leave behind.
 //! - [`runtime`]: the Python runtime and its start-up probe.
 //! - [`consumer`]: the RabbitMQ consumer loop of a fleet worker.
+//! - [`in_flight`]: the jobs held, each stoppable by its id (cancellation, shutdown).
 //! - [`config`]: command-line and environment configuration.
 
 pub mod classify;
 pub mod config;
 pub mod consumer;
 pub mod executor;
+pub mod in_flight;
 pub mod reaper;
 pub mod runtime;
 pub mod sandbox;

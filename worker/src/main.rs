@@ -48,6 +48,7 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         &config.queue,
         executor,
         store,
+        config.shutdown_grace(),
         shutdown_signal(),
     )
     .await?;

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use pyrunner_shared::runtime::RuntimeInfo;
 use pyrunner_shared::store::{MemoryStore, ResultStore};
-use pyrunner_shared::{Job, RunResult};
+use pyrunner_shared::{Job, JobId, RunResult};
 use pyrunner_worker::consumer::process_job;
+use pyrunner_worker::in_flight::InFlight;
 use pyrunner_worker::Executor;
 
 /// The embedded backend.
@@ -16,6 +17,7 @@ pub struct EmbeddedBackend {
     executor: Executor,
     store: ResultStore,
     runtime: RuntimeInfo,
+    held: InFlight,
 }
 
 impl EmbeddedBackend {
@@ -25,6 +27,7 @@ impl EmbeddedBackend {
             executor,
             store: ResultStore::Memory(MemoryStore::new(ttl)),
             runtime,
+            held: InFlight::default(),
         }
     }
 
@@ -36,11 +39,17 @@ impl EmbeddedBackend {
         &self.runtime
     }
 
+    /// Stops job `id`, waiting for a slot or running.
+    pub(super) fn stop(&self, id: JobId) {
+        self.held.cancel(id);
+    }
+
     /// Queues a job; a task runs it once a slot is free and stores its result.
     pub(super) fn enqueue(&self, job: Job) {
         let (executor, store) = (self.executor.clone(), self.store.clone());
+        let holding = self.held.hold(job.id);
         tokio::spawn(async move {
-            if let Err(error) = process_job(&executor, &store, &job).await {
+            if let Err(error) = process_job(&executor, &store, &job, &holding.control).await {
                 // The memory store cannot fail; keep the job answered all the same.
                 tracing::error!(job = %job.id, %error, "cannot store a result");
                 let _ = store

@@ -31,6 +31,14 @@ impl FleetBackend {
         self.publisher.publish(job).await
     }
 
+    /// Tells the workers to stop job `id`.
+    pub(super) async fn stop(&self, id: pyrunner_shared::JobId) {
+        if let Err(error) = self.redis.publish_cancel(id).await {
+            // Its cancelled result is stored: at worst the run goes on to its end unseen.
+            tracing::warn!(job = %id, %error, "cannot tell the workers to stop a cancelled job");
+        }
+    }
+
     pub(super) async fn readiness(&self) -> Result<(), String> {
         match self.publisher.consumer_count().await {
             Ok(0) => Err("no worker is consuming the job queue".into()),

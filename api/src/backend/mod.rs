@@ -23,6 +23,16 @@ pub enum SubmitError {
     Queue(#[from] pyrunner_shared::queue::QueueError),
 }
 
+/// What `DELETE /jobs/{id}` found.
+pub enum Cancelled {
+    /// The job was queued or running; it is stopped, and this is its result.
+    Now(JobView),
+    /// The job had finished already; this is its result.
+    AlreadyDone(JobView),
+    /// No such job (or it has expired).
+    Unknown,
+}
+
 /// The backend of an api process.
 // One per process, built once: the size of its larger variant costs nothing.
 #[allow(clippy::large_enum_variant)]
@@ -79,6 +89,34 @@ impl Backend {
     /// The job's state and result.
     pub async fn view(&self, id: JobId) -> Result<Option<JobView>, StoreError> {
         self.store().view(id).await
+    }
+
+    /// Cancels a queued or running job: its result becomes `cancelled` (stored first, so it is
+    /// the one kept), then the run, wherever it is, is stopped.
+    pub async fn cancel(&self, id: JobId) -> Result<Cancelled, StoreError> {
+        let Some(view) = self.view(id).await? else {
+            return Ok(Cancelled::Unknown);
+        };
+        if view.result.is_some() {
+            return Ok(Cancelled::AlreadyDone(view));
+        }
+        let result = RunResult::cancelled(id);
+        if !self.store().put_result(&result).await? {
+            // A result landed in between.
+            return Ok(match self.view(id).await? {
+                Some(view) => Cancelled::AlreadyDone(view),
+                None => Cancelled::Unknown,
+            });
+        }
+        match self {
+            Backend::Fleet(b) => b.stop(id).await,
+            Backend::Embedded(b) => b.stop(id),
+        }
+        Ok(Cancelled::Now(JobView {
+            id,
+            status: pyrunner_shared::JobState::Done,
+            result: Some(result),
+        }))
     }
 
     /// Whether jobs can be served now; the error says what is missing.

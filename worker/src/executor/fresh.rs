@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use pyrunner_shared::{Job, RunLimits};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::capture::{feed, Capture};
 use super::{ExecError, Executor, Finished, HARNESS, REPORT_MAX_BYTES};
@@ -17,7 +18,12 @@ use crate::slots::Slot;
 use crate::workdir::RunDir;
 
 impl Executor {
-    pub(super) async fn run_fresh(&self, slot: &Slot, job: &Job) -> Result<Finished, ExecError> {
+    pub(super) async fn run_fresh(
+        &self,
+        slot: &Slot,
+        job: &Job,
+        cancel: &CancellationToken,
+    ) -> Result<Finished, ExecError> {
         let setup_started = Instant::now();
         let workdir = self.sandbox.run_dir(&self.work_root, slot.uid())?;
         let (code_read, code_write) = sys::pipe().map_err(ExecError::Pipe)?;
@@ -70,7 +76,8 @@ impl Executor {
         );
         let report = Capture::start(Some(report_read), REPORT_MAX_BYTES, None);
 
-        let (timed_out, output_exceeded) = supervise(pid, &job.limits, started, &overflow).await?;
+        let (timed_out, output_exceeded, cancelled) =
+            supervise(pid, &job.limits, started, &overflow, cancel).await?;
         let duration = started.elapsed();
         // Whatever is left of the group (background children) dies with the run, and with its
         // PID namespace whatever left the group.
@@ -112,6 +119,7 @@ impl Executor {
             exit: reaped.exit,
             timed_out,
             output_exceeded,
+            cancelled,
             oom_killed: usage.oom_killed,
             cpu_ms: reaped.cpu_ms,
             peak_memory_kb: reaped.peak_rss_kb.max(usage.peak_kb),
@@ -143,22 +151,24 @@ impl Executor {
     }
 }
 
-/// Waits until the process ends, killing its group at the deadline or when output overflows.
-/// Returns (timed out, output exceeded).
+/// Waits until the process ends, killing its group at the deadline, when output overflows or
+/// when the run is cancelled. Returns (timed out, output exceeded, cancelled).
 async fn supervise(
     pid: i32,
     limits: &RunLimits,
     started: Instant,
     overflow: &Notify,
-) -> Result<(bool, bool), ExecError> {
+    cancel: &CancellationToken,
+) -> Result<(bool, bool, bool), ExecError> {
     let exited = tokio::task::spawn_blocking(move || sys::wait_exited(pid));
     tokio::pin!(exited);
     let deadline = tokio::time::Instant::from_std(started + limits.timeout());
-    let (mut timed_out, mut output_exceeded) = (false, false);
+    let (mut timed_out, mut output_exceeded, mut cancelled) = (false, false, false);
     let finished = tokio::select! {
         r = &mut exited => Some(r),
         _ = tokio::time::sleep_until(deadline) => { timed_out = true; None }
         _ = overflow.notified() => { output_exceeded = true; None }
+        _ = cancel.cancelled() => { cancelled = true; None }
     };
     let result = match finished {
         Some(r) => r,
@@ -170,5 +180,5 @@ async fn supervise(
     result
         .expect("wait does not panic")
         .map_err(|source| ExecError::Wait { pid, source })?;
-    Ok((timed_out, output_exceeded))
+    Ok((timed_out, output_exceeded, cancelled))
 }

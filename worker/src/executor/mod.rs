@@ -16,9 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyrunner_shared::{Job, JobId, RunLimits, RunResult};
+use pyrunner_shared::{Job, JobId, RunLimits, RunResult, RunStatus};
 use thiserror::Error;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use pyrunner_shared::isolation::{self, IsolationReport, LayerStatus};
 
@@ -87,6 +88,8 @@ struct Finished {
     exit: sys::Exit,
     timed_out: bool,
     output_exceeded: bool,
+    /// Stopped because its job was cancelled.
+    cancelled: bool,
     oom_killed: bool,
     cpu_ms: u64,
     peak_memory_kb: u64,
@@ -327,10 +330,22 @@ impl Executor {
     /// the run is cleaned up (for a warm executor, after the result is returned). Never fails: a
     /// failure of the service becomes an `internal_error` result, and its cause is logged.
     pub async fn run_in(&self, reservation: Reservation, job: &Job) -> RunResult {
+        self.run_until(reservation, job, &CancellationToken::new())
+            .await
+    }
+
+    /// As [`Executor::run_in`], and `cancel` stops the run (its whole process group) at once:
+    /// it then ends `cancelled`.
+    pub async fn run_until(
+        &self,
+        reservation: Reservation,
+        job: &Job,
+        cancel: &CancellationToken,
+    ) -> RunResult {
         let Reservation { slot, _running } = reservation;
         let outcome = match &self.mode {
-            Mode::Fresh => self.run_fresh(&slot, job).await,
-            Mode::Warm(pool) => self.run_warm(pool, slot, job).await,
+            Mode::Fresh => self.run_fresh(&slot, job, cancel).await,
+            Mode::Warm(pool) => self.run_warm(pool, slot, job, cancel).await,
         };
         match outcome {
             Ok(finished) => result(job, finished, &self.applied),
@@ -356,7 +371,12 @@ fn result(job: &Job, f: Finished, layers: &[String]) -> RunResult {
         cpu_limit_ms: rlimits::cpu_limit_secs(&job.limits) * 1000,
         report: report.as_ref(),
     };
-    let status = classify::status(&observation);
+    // A cancelled run's own outcome does not matter: it was stopped on purpose.
+    let status = if f.cancelled {
+        RunStatus::Cancelled
+    } else {
+        classify::status(&observation)
+    };
     let (exit_code, signal) = match f.exit {
         sys::Exit::Code(c) => (Some(c), None),
         sys::Exit::Signal(s) => (None, Some(s)),
@@ -391,13 +411,13 @@ pub fn probe_job(code: &str, limits: RunLimits) -> Job {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pyrunner_shared::RunStatus;
 
     fn finished(exit: sys::Exit, stdout_cut: bool, output_exceeded: bool) -> Finished {
         Finished {
             exit,
             timed_out: false,
             output_exceeded,
+            cancelled: false,
             oom_killed: false,
             cpu_ms: 5,
             peak_memory_kb: 1024,

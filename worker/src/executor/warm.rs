@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use pyrunner_shared::Job;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::capture::{feed, Capture};
 use super::{ExecError, Executor, Finished, REPORT_MAX_BYTES};
@@ -42,6 +43,7 @@ impl Executor {
         pool: &WarmPool,
         slot: Slot,
         job: &Job,
+        cancel: &CancellationToken,
     ) -> Result<Finished, ExecError> {
         let taken = Instant::now();
         let child = match pool.take(&slot).await {
@@ -103,6 +105,7 @@ impl Executor {
         let zygote = child.zygote;
         let deadline = tokio::time::Instant::from_std(started + job.limits.timeout());
         let (mut timed_out, mut output_exceeded, mut closed) = (false, false, false);
+        let mut cancelled = false;
         // The run is over when the zygote reports the child's exit, or, sooner, when the child
         // has closed all its pipes after writing its end record.
         let ended = loop {
@@ -120,6 +123,10 @@ impl Executor {
                 }
                 _ = overflow.notified(), if !output_exceeded => {
                     output_exceeded = true;
+                    zygote.kill(handle.token).await;
+                }
+                _ = cancel.cancelled(), if !cancelled => {
+                    cancelled = true;
                     zygote.kill(handle.token).await;
                 }
             }
@@ -174,6 +181,7 @@ impl Executor {
             exit: ended.exit,
             timed_out,
             output_exceeded,
+            cancelled,
             oom_killed: usage.oom_killed,
             cpu_ms: ended.cpu_ms,
             peak_memory_kb,
