@@ -60,6 +60,10 @@ pub struct ApiConfig {
     /// `POST /run` answers 503 with Retry-After, and `POST /jobs` still accepts.
     #[arg(long, env = "PYRUNNER_MAX_SYNC_WAITERS", default_value_t = 512)]
     pub max_sync_waiters: usize,
+    /// Embedded mode, on SIGTERM: how long the jobs held may finish after the last request, in
+    /// seconds; then those left are stopped.
+    #[arg(long, env = "PYRUNNER_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
     /// Executor settings, used in embedded mode.
     #[command(flatten)]
     pub executor: ExecutorArgs,
@@ -82,6 +86,10 @@ impl ApiConfig {
 
     pub fn result_ttl(&self) -> Duration {
         Duration::from_secs(self.result_ttl_secs.max(1))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
     }
 
     pub fn sync_margin(&self) -> Duration {

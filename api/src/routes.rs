@@ -51,7 +51,7 @@ fn accept(state: &AppState, request: RunRequest) -> Result<Job, ApiError> {
 
 async fn submit(state: &AppState, job: Job) -> Result<(), ApiError> {
     state.backend().submit(job).await.map_err(|e| match e {
-        SubmitError::Queue(QueueError::Refused { .. }) => ApiError::overloaded(
+        SubmitError::Queue(QueueError::Refused { .. }) | SubmitError::Full => ApiError::overloaded(
             "queue_full",
             "the job queue is full (PYRUNNER_MAX_QUEUE_LENGTH); try again shortly",
         ),

@@ -41,6 +41,7 @@ pub enum StartError {
 /// A built api: its state, plus what must live as long as it (the embedded work root).
 pub struct Api {
     pub state: AppState,
+    shutdown_grace: std::time::Duration,
     _work_root: Option<tempfile::TempDir>,
 }
 
@@ -65,7 +66,12 @@ impl Api {
                     layers = ?executor.layers(),
                     "embedded runtime ready"
                 );
-                let backend = EmbeddedBackend::new(executor, runtime, config.result_ttl());
+                let backend = EmbeddedBackend::new(
+                    executor,
+                    runtime,
+                    config.result_ttl(),
+                    config.queue.max_length as usize,
+                );
                 (Backend::Embedded(backend), Some(work_root))
             }
             _ => return Err(StartError::HalfFleet),
@@ -77,6 +83,7 @@ impl Api {
                 config.sync_margin(),
                 config.max_sync_waiters,
             ),
+            shutdown_grace: config.shutdown_grace(),
             _work_root: work_root,
         })
     }
@@ -87,10 +94,16 @@ impl Api {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
+        let backend = self.state.backend().clone();
         axum::serve(listener, app(self.state))
             .with_graceful_shutdown(shutdown)
             .await
-            .map_err(StartError::Serve)
+            .map_err(StartError::Serve)?;
+        // Embedded, the jobs accepted with POST /jobs are held here: let them finish.
+        if let Backend::Embedded(embedded) = backend {
+            embedded.drain(self.shutdown_grace).await;
+        }
+        Ok(())
     }
 }
 

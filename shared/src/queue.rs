@@ -46,12 +46,20 @@ pub struct QueueSettings {
     pub max_deliveries: u32,
     /// Jobs that may wait in the queue; past them a submission gets 503 with Retry-After
     /// (0: no bound). Part of the queue's declaration.
-    #[arg(long, env = "PYRUNNER_MAX_QUEUE_LENGTH", default_value_t = 10_000)]
+    #[arg(
+        long = "max-queue-length",
+        env = "PYRUNNER_MAX_QUEUE_LENGTH",
+        default_value_t = 10_000
+    )]
     pub max_length: u32,
     /// Bytes of jobs that may wait in the queue, in MiB, which bounds the broker's memory and
     /// disk whatever the jobs' sizes; past them as past the length (0: no bound). Part of the
     /// queue's declaration.
-    #[arg(long, env = "PYRUNNER_MAX_QUEUE_MB", default_value_t = 512)]
+    #[arg(
+        long = "max-queue-mb",
+        env = "PYRUNNER_MAX_QUEUE_MB",
+        default_value_t = 512
+    )]
     pub max_mb: u32,
 }
 

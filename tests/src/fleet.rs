@@ -193,6 +193,17 @@ impl Fleet {
         std::fs::read_to_string(&self.workers[index].1).unwrap_or_default()
     }
 
+    /// The pid of the api and of each worker still running, by name (`api`, `worker-<index>`).
+    pub fn pids(&mut self) -> Vec<(String, u32)> {
+        let mut pids = vec![("api".to_owned(), self.api.id())];
+        for (index, (child, _)) in self.workers.iter_mut().enumerate() {
+            if matches!(child.try_wait(), Ok(None)) {
+                pids.push((format!("worker-{index}"), child.id()));
+            }
+        }
+        pids
+    }
+
     /// Kills worker `index` at once (SIGKILL), as a crash or an OOM kill would.
     pub fn kill_worker(&mut self, index: usize) {
         let child = &mut self.workers[index].0;

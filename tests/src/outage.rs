@@ -96,6 +96,11 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Its process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Child::id)
+    }
+
     /// Stops it at once (SIGKILL): everything it held is gone.
     pub fn stop(&mut self) {
         if let Some(mut server) = self.server.take() {

@@ -81,3 +81,17 @@ pub fn uss_mib(pid: u32) -> Option<f64> {
         .sum();
     Some(kb as f64 / 1024.0)
 }
+
+/// The peak resident memory of a process (`VmHWM`), in MiB.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}

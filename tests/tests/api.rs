@@ -441,3 +441,34 @@ async fn queued_and_running_jobs_can_be_cancelled() {
     let api = EmbeddedApi::start(&["--concurrency", "1"]).await;
     pyrunner_tests::http::check_cancellation(&api.url).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_past_the_embedded_queue_limit_get_503() {
+    let api = EmbeddedApi::start(&["--concurrency", "1", "--max-queue-length", "2"]).await;
+    let long = json!({ "code": "import time; time.sleep(30)", "timeout_ms": 60000 });
+    let held = [
+        pyrunner_tests::http::submit(&api.url, &long).await,
+        pyrunner_tests::http::submit(&api.url, &long).await,
+    ];
+    for path in ["jobs", "run"] {
+        let reply = post_json(&format!("{}/{path}", api.url), &json!({ "code": "pass" })).await;
+        assert_eq!(reply.status, 503, "{reply:?}");
+        assert_eq!(reply.body["error"]["code"], "queue_full", "{reply:?}");
+        assert!(reply.headers.contains_key("retry-after"), "{reply:?}");
+    }
+    for id in &held {
+        let reply = send("DELETE", &format!("{}/jobs/{id}", api.url), None).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
+    // Room again once the held jobs are let go.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = post_json(&format!("{}/run", api.url), &json!({ "code": "print(1)" })).await;
+        if reply.status == 200 {
+            assert_eq!(reply.body["stdout"], "1\n", "{reply:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{reply:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

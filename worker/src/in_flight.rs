@@ -45,6 +45,16 @@ impl InFlight {
         }
     }
 
+    /// How many jobs are held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no job is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Stops every holding of job `id`; false when none is held here.
     pub fn cancel(&self, id: JobId) -> bool {
         let jobs = self.lock();

@@ -18,12 +18,16 @@ pub struct EmbeddedBackend {
     store: ResultStore,
     runtime: RuntimeInfo,
     held: InFlight,
+    /// Most jobs held at once, waiting or running (0: no bound).
+    max_held: usize,
 }
 
 impl EmbeddedBackend {
-    /// Runs jobs with `executor`, keeping results for `ttl`.
-    pub fn new(executor: Executor, runtime: RuntimeInfo, ttl: Duration) -> Self {
+    /// Runs jobs with `executor`, keeping results for `ttl`, and holds at most `max_held` jobs
+    /// (waiting or running; 0: no bound).
+    pub fn new(executor: Executor, runtime: RuntimeInfo, ttl: Duration, max_held: usize) -> Self {
         Self {
+            max_held,
             executor,
             store: ResultStore::Memory(MemoryStore::new(ttl)),
             runtime,
@@ -37,6 +41,29 @@ impl EmbeddedBackend {
 
     pub(super) fn runtime_info(&self) -> &RuntimeInfo {
         &self.runtime
+    }
+
+    /// Whether no more jobs may be held.
+    pub(super) fn is_full(&self) -> bool {
+        self.max_held > 0 && self.held.len() >= self.max_held
+    }
+
+    /// Waits, at most `grace`, until the jobs held have finished; past it, stops the runs left.
+    pub async fn drain(&self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        if !self.held.is_empty() {
+            tracing::info!(jobs = self.held.len(), ?grace, "finishing the jobs held");
+        }
+        while !self.held.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stopped = self.held.requeue_all();
+        if stopped > 0 {
+            tracing::warn!(
+                jobs = stopped,
+                "the shutdown deadline passed: stopping the jobs left"
+            );
+        }
     }
 
     /// Stops job `id`, waiting for a slot or running.

@@ -21,6 +21,8 @@ pub enum SubmitError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Queue(#[from] pyrunner_shared::queue::QueueError),
+    #[error("the embedded queue is full")]
+    Full,
 }
 
 /// What `DELETE /jobs/{id}` found.
@@ -70,6 +72,9 @@ impl Backend {
                 published?;
             }
             Backend::Embedded(b) => {
+                if b.is_full() {
+                    return Err(SubmitError::Full);
+                }
                 self.store().mark_queued(job.id).await?;
                 b.enqueue(job);
             }
