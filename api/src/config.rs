@@ -7,10 +7,7 @@ use clap::Parser;
 use pyrunner_shared::LimitPolicy;
 use pyrunner_worker::config::ExecutorArgs;
 
-/// PyRunner api: runs untrusted Python code behind an HTTP API.
-///
-/// With AMQP_URL and REDIS_URL it serves a fleet of workers; with neither, it runs embedded:
-/// an in-process queue, store and worker pool.
+/// The api's settings (the binary's `Cli` adds the `keys` admin command).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "pyrunner-api", version)]
 pub struct ApiConfig {
@@ -64,6 +61,10 @@ pub struct ApiConfig {
     /// seconds; then those left are stopped.
     #[arg(long, env = "PYRUNNER_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+    /// The API keys of embedded mode (a fleet keeps them in Redis); default
+    /// /var/lib/pyrunner/keys.json as root, else ~/.config/pyrunner/keys.json.
+    #[arg(long, env = "PYRUNNER_KEYS_FILE")]
+    pub keys_file: Option<std::path::PathBuf>,
     /// Executor settings, used in embedded mode.
     #[command(flatten)]
     pub executor: ExecutorArgs,
@@ -86,6 +87,26 @@ impl ApiConfig {
 
     pub fn result_ttl(&self) -> Duration {
         Duration::from_secs(self.result_ttl_secs.max(1))
+    }
+
+    /// Where the keys are: Redis in fleet mode, else the keys file.
+    pub fn key_store(&self) -> Result<crate::keys::KeyStore, crate::keys::KeyError> {
+        match &self.redis_url {
+            Some(url) => crate::keys::KeyStore::redis(url),
+            None => Ok(crate::keys::KeyStore::file(&self.keys_file())),
+        }
+    }
+
+    /// The keys file of embedded mode, with its default applied.
+    pub fn keys_file(&self) -> std::path::PathBuf {
+        self.keys_file.clone().unwrap_or_else(|| {
+            if std::env::var_os("HOME").is_none() || pyrunner_worker::sandbox::sys::is_root() {
+                "/var/lib/pyrunner/keys.json".into()
+            } else {
+                let home = std::env::var_os("HOME").unwrap_or_default();
+                std::path::Path::new(&home).join(".config/pyrunner/keys.json")
+            }
+        })
     }
 
     pub fn shutdown_grace(&self) -> Duration {

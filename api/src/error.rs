@@ -80,6 +80,24 @@ impl ApiError {
         }
     }
 
+    /// No key, or an unknown one, where the service requires keys.
+    pub fn unauthorized(what: &str) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("{what}: send it as Authorization: Bearer <key>, or X-API-Key: <key>"),
+        )
+    }
+
+    /// The key was revoked.
+    pub fn key_revoked(name: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "key_revoked",
+            format!("the API key {name:?} was revoked"),
+        )
+    }
+
     /// The route does not exist.
     pub fn route_not_found(path: &str) -> Self {
         Self::new(
@@ -137,6 +155,11 @@ impl IntoResponse for ApiError {
             if let Ok(location) = HeaderValue::from_str(&format!("/jobs/{id}")) {
                 response.headers_mut().insert(header::LOCATION, location);
             }
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response

@@ -6,13 +6,14 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use pyrunner_shared::isolation;
 use pyrunner_shared::limits::LimitError;
 use pyrunner_shared::queue::QueueError;
 use pyrunner_shared::{Job, JobId, RunRequest};
 use serde_json::json;
 
+use crate::auth::{self, Caller};
 use crate::backend::{Cancelled, SubmitError};
 use crate::body::JsonBody;
 use crate::error::ApiError;
@@ -20,22 +21,57 @@ use crate::state::AppState;
 
 /// The router of the api, over `state`.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(service_info))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let guarded = Router::new()
         .route("/isolation", get(isolation))
         .route("/run", post(run_code))
         .route("/jobs", post(submit_job))
         .route("/jobs/{id}", get(get_job).delete(cancel_job))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    Router::new()
+        .route("/", get(service_info))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(guarded)
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
-/// Resolves a request into a job, or says which field is wrong.
-fn accept(state: &AppState, request: RunRequest) -> Result<Job, ApiError> {
+/// Resolves a request into a job, within the server's limits and the caller's, or says which
+/// field is wrong. A request silent on a limit gets the server's default, lowered to the
+/// caller's maximum.
+fn accept(state: &AppState, caller: &Caller, mut request: RunRequest) -> Result<Job, ApiError> {
+    let key = caller.policy();
+    let server = state.policy();
+    for (asked, default, max, field) in [
+        (
+            &mut request.timeout_ms,
+            server.default_timeout_ms,
+            key.max_timeout_ms,
+            "timeout_ms",
+        ),
+        (
+            &mut request.memory_mb,
+            server.default_memory_mb,
+            key.max_memory_mb,
+            "memory_mb",
+        ),
+    ] {
+        let Some(max) = max else { continue };
+        match *asked {
+            Some(value) if value > max => {
+                return Err(ApiError::out_of_range(format!(
+                    "{field} {value} is over this API key's maximum of {max}"
+                )));
+            }
+            Some(_) => {}
+            None => *asked = Some(default.min(max)),
+        }
+    }
     let limits = state.policy().resolve(&request).map_err(|e| match e {
         LimitError::CodeTooLarge { .. } => ApiError::too_large("code_too_large", e.to_string()),
         LimitError::StdinTooLarge { .. } => ApiError::too_large("stdin_too_large", e.to_string()),
@@ -62,9 +98,10 @@ async fn submit(state: &AppState, job: Job) -> Result<(), ApiError> {
 /// `POST /run`: runs the code and answers with its result.
 async fn run_code(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     JsonBody(request): JsonBody<RunRequest>,
 ) -> Result<Response, ApiError> {
-    let job = accept(&state, request)?;
+    let job = accept(&state, &caller, request)?;
     let Some(_place) = state.try_wait_place() else {
         return Err(ApiError::overloaded(
             "too_many_waiting",
@@ -98,9 +135,10 @@ async fn run_code(
 /// `POST /jobs`: queues the code and answers at once with the job id.
 async fn submit_job(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     JsonBody(request): JsonBody<RunRequest>,
 ) -> Result<Response, ApiError> {
-    let job = accept(&state, request)?;
+    let job = accept(&state, &caller, request)?;
     let id = job.id;
     submit(&state, job).await?;
     Ok((
@@ -171,10 +209,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn service_info(State(state): State<AppState>) -> Json<serde_json::Value> {
     let backend = state.backend();
     let runtime = backend.runtime_info().await;
+    let auth = match state.keys().lookup("").await {
+        Ok((_, true)) => "api_keys",
+        Ok((_, false)) => {
+            "open: no API key is configured, anyone who can reach the service may use it"
+        }
+        Err(_) => "unknown: the key store cannot be reached",
+    };
     Json(json!({
         "name": "pyrunner",
         "version": env!("CARGO_PKG_VERSION"),
         "mode": backend.mode(),
+        "auth": auth,
         "limits": state.policy(),
         "python": runtime.as_ref().map(|r| r.python.clone()),
         "executor": runtime.as_ref().map(|r| r.executor.clone()),

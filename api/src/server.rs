@@ -29,6 +29,8 @@ pub enum StartError {
     Setup(#[from] SetupError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -50,6 +52,15 @@ impl Api {
     pub async fn build(config: &ApiConfig) -> Result<Self, StartError> {
         let policy = config.policy();
         policy.validate().map_err(StartError::Limits)?;
+        let keys = config.key_store()?;
+        match keys.lookup("").await {
+            Ok((_, true)) => tracing::info!("API keys required"),
+            Ok((_, false)) => tracing::warn!(
+                "NO API KEY IS CONFIGURED: the service is open to anyone who can reach it; \
+                 create one with `pyrunner-api keys create --name <name>`"
+            ),
+            Err(error) => return Err(error.into()),
+        }
         let (backend, work_root) = match (&config.amqp_url, &config.redis_url) {
             (Some(amqp), Some(redis)) => {
                 let publisher = Publisher::connect(amqp, &config.queue).await?;
@@ -79,6 +90,7 @@ impl Api {
         Ok(Self {
             state: AppState::new(
                 backend,
+                keys,
                 policy,
                 config.sync_margin(),
                 config.max_sync_waiters,

@@ -7,6 +7,7 @@ use pyrunner_shared::LimitPolicy;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::Backend;
+use crate::keys::KeyStore;
 
 /// Shared, cheaply cloned state of the api.
 #[derive(Clone)]
@@ -20,6 +21,7 @@ struct Inner {
     sync_margin: Duration,
     /// One permit per synchronous run that may wait at once.
     sync_waiters: Arc<Semaphore>,
+    keys: KeyStore,
 }
 
 impl AppState {
@@ -27,6 +29,7 @@ impl AppState {
     /// `sync_margin` before answering 504, and at most `max_sync_waiters` wait at once.
     pub fn new(
         backend: Backend,
+        keys: KeyStore,
         policy: LimitPolicy,
         sync_margin: Duration,
         max_sync_waiters: usize,
@@ -37,6 +40,7 @@ impl AppState {
                 policy,
                 sync_margin,
                 sync_waiters: Arc::new(Semaphore::new(max_sync_waiters.max(1))),
+                keys,
             }),
         }
     }
@@ -44,6 +48,11 @@ impl AppState {
     /// A place among the synchronous runs that wait, if one is free.
     pub fn try_wait_place(&self) -> Option<OwnedSemaphorePermit> {
         self.inner.sync_waiters.clone().try_acquire_owned().ok()
+    }
+
+    /// Where the API keys are.
+    pub fn keys(&self) -> &KeyStore {
+        &self.inner.keys
     }
 
     pub fn backend(&self) -> &Backend {

@@ -11,7 +11,10 @@ use serde_json::{json, Value};
 /// An embedded api served on a loopback port until dropped.
 pub struct EmbeddedApi {
     pub url: String,
+    /// Its API keys file (none in it unless a test makes some).
+    pub keys_file: std::path::PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    _keys_dir: tempfile::TempDir,
 }
 
 impl EmbeddedApi {
@@ -30,6 +33,11 @@ impl EmbeddedApi {
         if !flags.contains(&"--zygote-bin") {
             args.extend(["--zygote-bin", &zygote]);
         }
+        // Keys of its own: none, so open, unless the test makes some.
+        let keys_dir = tempfile::tempdir().expect("a keys dir");
+        let keys_file = keys_dir.path().join("keys.json");
+        let keys_arg = keys_file.display().to_string();
+        args.extend(["--keys-file", &keys_arg]);
         args.extend_from_slice(flags);
         let mut config = ApiConfig::try_parse_from(args).expect("valid test flags");
         config.amqp_url = None;
@@ -43,7 +51,9 @@ impl EmbeddedApi {
         }));
         EmbeddedApi {
             url,
+            keys_file,
             shutdown: Some(tx),
+            _keys_dir: keys_dir,
         }
     }
 }
@@ -80,7 +90,11 @@ pub async fn send_with(
     if let Some((content_type, bytes)) = body {
         req = req.header("content-type", content_type).body(bytes);
     }
-    let resp = req.send().await.expect("request sent");
+    reply(req.send().await.expect("request sent")).await
+}
+
+/// The status, headers and JSON body (null when not JSON) of a response.
+async fn reply(resp: reqwest::Response) -> Reply {
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let bytes = resp.bytes().await.unwrap_or_default();
@@ -229,4 +243,111 @@ pub async fn check_cancellation(base: &str) {
         assert_eq!(reply.status, 404, "{reply:?}");
         assert_eq!(reply.body["error"]["code"], "job_not_found", "{reply:?}");
     }
+}
+
+/// Runs `pyrunner-api keys <args>` with `env` (the admin command), and returns what it printed.
+pub fn admin(args: &[&str], env: &[(&str, &str)]) -> Value {
+    let out = std::process::Command::new(crate::fleet::binary("pyrunner-api"))
+        .arg("keys")
+        .args(args)
+        .env_remove("REDIS_URL")
+        .env_remove("AMQP_URL")
+        .envs(env.iter().copied())
+        .output()
+        .expect("the admin command runs");
+    assert!(
+        out.status.success(),
+        "keys {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the admin command prints JSON")
+}
+
+/// Sends a request with an API key in `header` (`authorization` gets `Bearer <key>`).
+pub async fn send_keyed(
+    method: &str,
+    url: &str,
+    header: &str,
+    key: &str,
+    body: Option<&Value>,
+) -> Reply {
+    let value = if header == "authorization" {
+        format!("Bearer {key}")
+    } else {
+        key.to_owned()
+    };
+    let mut req = reqwest::Client::new()
+        .request(method.parse().unwrap(), url)
+        .header(header, value);
+    if let Some(body) = body {
+        req = req.json(body);
+    }
+    reply(req.send().await.expect("request sent")).await
+}
+
+/// Through an api whose key store is empty (`admin` runs the admin command on that store): it
+/// is open and says so; once a key exists, requests without it get 401, with it go through
+/// (both headers), its policy holds, and once revoked it gets 403 at once.
+pub async fn check_api_keys(base: &str, admin: impl Fn(&[&str]) -> Value) {
+    let info = get(&format!("{base}/")).await;
+    assert!(
+        info.body["auth"].as_str().unwrap().starts_with("open"),
+        "{info:?}"
+    );
+    let pass = json!({ "code": "print('in')" });
+    assert_eq!(post_json(&format!("{base}/run"), &pass).await.status, 200);
+
+    let created = admin(&["create", "--name", "tutor", "--max-timeout-ms", "1500"]);
+    let key = created["key"]
+        .as_str()
+        .expect("the key is shown")
+        .to_owned();
+    assert!(key.starts_with("pyr_"), "{created}");
+    let listed = admin(&["list"]);
+    assert_eq!(listed[0]["name"], "tutor", "{listed}");
+    assert!(
+        !listed.to_string().contains(&key),
+        "a listing shows no key: {listed}"
+    );
+
+    let info = get(&format!("{base}/")).await;
+    assert_eq!(info.body["auth"], "api_keys", "{info:?}");
+    let run_url = format!("{base}/run");
+    let missing = post_json(&run_url, &pass).await;
+    assert_eq!(missing.status, 401, "{missing:?}");
+    assert_eq!(missing.body["error"]["code"], "unauthorized");
+    assert_eq!(missing.headers["www-authenticate"], "Bearer");
+    let wrong = send_keyed("POST", &run_url, "x-api-key", "pyr_not-a-key", Some(&pass)).await;
+    assert_eq!(wrong.status, 401, "{wrong:?}");
+    assert!(wrong.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unknown"));
+    for header in ["authorization", "x-api-key"] {
+        let ok = send_keyed("POST", &run_url, header, &key, Some(&pass)).await;
+        assert_eq!(ok.status, 200, "{header}: {ok:?}");
+        assert_eq!(ok.body["stdout"], "in\n");
+    }
+    // Probes and the service's description stay open; the jobs do not.
+    assert_eq!(get(&format!("{base}/healthz")).await.status, 200);
+    let job = get(&format!("{base}/jobs/{}", pyrunner_shared::JobId::new())).await;
+    assert_eq!(job.status, 401, "{job:?}");
+
+    // The key's policy: a larger timeout is refused, and a silent request gets the key's.
+    let over = json!({ "code": "pass", "timeout_ms": 5000 });
+    let refused = send_keyed("POST", &run_url, "x-api-key", &key, Some(&over)).await;
+    assert_eq!(refused.status, 422, "{refused:?}");
+    assert!(refused.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("API key"));
+    let slow = json!({ "code": "import time; time.sleep(5)" });
+    let capped = send_keyed("POST", &run_url, "x-api-key", &key, Some(&slow)).await;
+    assert_eq!(capped.body["status"], "timeout", "{capped:?}");
+
+    let revoked = admin(&["revoke", "tutor"]);
+    assert!(revoked["revoked_at"].is_u64(), "{revoked}");
+    let denied = send_keyed("POST", &run_url, "authorization", &key, Some(&pass)).await;
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert_eq!(denied.body["error"]["code"], "key_revoked");
 }

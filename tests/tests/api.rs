@@ -472,3 +472,13 @@ async fn jobs_past_the_embedded_queue_limit_get_503() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_the_service_once_one_exists() {
+    let api = EmbeddedApi::start(&[]).await;
+    let file = api.keys_file.display().to_string();
+    pyrunner_tests::http::check_api_keys(&api.url, |args| {
+        pyrunner_tests::http::admin(args, &[("PYRUNNER_KEYS_FILE", file.as_str())])
+    })
+    .await;
+}

@@ -329,3 +329,17 @@ async fn a_stopping_worker_finishes_its_run_or_requeues_it_at_its_deadline() {
     assert!(fleet.worker_log(2).contains(&long));
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_in_redis_guard_the_fleet() {
+    // A Redis of the test's own: keys in the shared one would close the service to every other
+    // test.
+    let redis = PrivateRedis::start();
+    let url = redis.url();
+    let fleet = Fleet::start(1, &[SMALL[0], SMALL[1], ("REDIS_URL", url.as_str())]).await;
+    pyrunner_tests::http::check_api_keys(&fleet.url, |args| {
+        pyrunner_tests::http::admin(args, &[("REDIS_URL", url.as_str())])
+    })
+    .await;
+    fleet.stop().await;
+}
