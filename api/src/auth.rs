@@ -3,12 +3,13 @@
 //! With no key in the store the service runs open.
 
 use axum::extract::{Request, State};
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
 use crate::keys::{self, KeyPolicy, KeyRecord};
+use crate::rate::{Decision, Rate};
 use crate::state::AppState;
 
 /// The caller of a request: its key's record, or `None` when the service runs open.
@@ -63,6 +64,36 @@ pub async fn authenticate(
         (None, true, None) => return Err(ApiError::unauthorized("missing API key")),
         (None, true, Some(_)) => return Err(ApiError::unauthorized("unknown API key")),
     };
-    request.extensions_mut().insert(caller);
-    Ok(next.run(request).await)
+    let limited = match &caller.0 {
+        Some(record) => record.policy.rate().map(|rate| (record.name.clone(), rate)),
+        None => None,
+    };
+    let Some((name, rate)) = limited else {
+        request.extensions_mut().insert(caller);
+        return Ok(next.run(request).await);
+    };
+    let decision = state
+        .rate()
+        .check(&name, rate)
+        .await
+        .map_err(|e| ApiError::unavailable("cannot check the request rate", e))?;
+    let mut response = if decision.allowed {
+        request.extensions_mut().insert(caller);
+        next.run(request).await
+    } else {
+        ApiError::rate_limited(&name, rate.per_sec).into_response()
+    };
+    rate_headers(response.headers_mut(), rate, decision);
+    Ok(response)
+}
+
+/// The RateLimit headers (IETF draft) of a limited key, and Retry-After when denied.
+fn rate_headers(headers: &mut HeaderMap, rate: Rate, decision: Decision) {
+    let secs = |ms: u64| HeaderValue::from(ms.div_ceil(1000));
+    headers.insert("ratelimit-limit", HeaderValue::from(rate.burst));
+    headers.insert("ratelimit-remaining", HeaderValue::from(decision.remaining));
+    headers.insert("ratelimit-reset", secs(decision.reset_ms));
+    if !decision.allowed {
+        headers.insert(header::RETRY_AFTER, secs(decision.retry_after_ms.max(1)));
+    }
 }

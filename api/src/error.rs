@@ -89,6 +89,15 @@ impl ApiError {
         )
     }
 
+    /// The key is past its request rate.
+    pub fn rate_limited(name: &str, per_sec: f64) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("the API key {name:?} is over its rate of {per_sec} requests a second"),
+        )
+    }
+
     /// The key was revoked.
     pub fn key_revoked(name: &str) -> Self {
         Self::new(

@@ -40,8 +40,17 @@ pub enum KeyError {
 }
 
 /// What a key's holder may ask for, on top of the server's own limits.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 pub struct KeyPolicy {
+    /// Requests a second this key may make on average, over every api replica (429 past it).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_sec: Option<f64>,
+    /// Requests this key may make at once before the average rate applies (default: the rate,
+    /// rounded up).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
     /// Largest `timeout_ms` this key may ask for (and its default when it asks for none).
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,14 +65,25 @@ impl KeyPolicy {
     /// This policy with the fields `update` sets replaced.
     pub fn merged(&self, update: &KeyPolicy) -> KeyPolicy {
         KeyPolicy {
+            rate_per_sec: update.rate_per_sec.or(self.rate_per_sec),
+            burst: update.burst.or(self.burst),
             max_timeout_ms: update.max_timeout_ms.or(self.max_timeout_ms),
             max_memory_mb: update.max_memory_mb.or(self.max_memory_mb),
         }
     }
+
+    /// The key's rate, when it has one.
+    pub fn rate(&self) -> Option<crate::rate::Rate> {
+        let per_sec = self.rate_per_sec.filter(|r| *r > 0.0)?;
+        Some(crate::rate::Rate {
+            per_sec,
+            burst: self.burst.unwrap_or(per_sec.ceil() as u32).max(1),
+        })
+    }
 }
 
 /// What is stored of a key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyRecord {
     pub name: String,
     /// The first characters of the key, to tell keys apart in a listing.

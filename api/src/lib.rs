@@ -8,6 +8,7 @@
 //! - [`config`]: flags and environment variables.
 //! - [`keys`]: API keys, their records and where they are stored.
 //! - [`auth`]: which key a request presents, and whether it may go on.
+//! - [`rate`]: request rates per key, across replicas.
 //! - [`admin`]: the `keys` admin command.
 //! - [`server`]: start-up and serving.
 
@@ -18,6 +19,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod rate;
 pub mod routes;
 pub mod server;
 pub mod state;

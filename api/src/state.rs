@@ -8,6 +8,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::Backend;
 use crate::keys::KeyStore;
+use crate::rate::RateLimiter;
 
 /// Shared, cheaply cloned state of the api.
 #[derive(Clone)]
@@ -22,6 +23,7 @@ struct Inner {
     /// One permit per synchronous run that may wait at once.
     sync_waiters: Arc<Semaphore>,
     keys: KeyStore,
+    rate: RateLimiter,
 }
 
 impl AppState {
@@ -40,6 +42,10 @@ impl AppState {
                 policy,
                 sync_margin,
                 sync_waiters: Arc::new(Semaphore::new(max_sync_waiters.max(1))),
+                rate: match &keys {
+                    KeyStore::Redis(pool) => RateLimiter::Redis(pool.clone()),
+                    KeyStore::File(_) => RateLimiter::memory(),
+                },
                 keys,
             }),
         }
@@ -53,6 +59,11 @@ impl AppState {
     /// Where the API keys are.
     pub fn keys(&self) -> &KeyStore {
         &self.inner.keys
+    }
+
+    /// The request rates per key.
+    pub fn rate(&self) -> &RateLimiter {
+        &self.inner.rate
     }
 
     pub fn backend(&self) -> &Backend {

@@ -87,6 +87,8 @@ pub struct Fleet {
     pub url: String,
     env: Vec<(String, String)>,
     api: Child,
+    /// More api replicas, with their URLs.
+    more_apis: Vec<Child>,
     workers: Vec<(Child, PathBuf)>,
     logs: tempfile::TempDir,
 }
@@ -142,6 +144,7 @@ impl Fleet {
             url: format!("http://127.0.0.1:{port}"),
             env,
             api,
+            more_apis: Vec::new(),
             workers: Vec::new(),
             logs,
         };
@@ -202,6 +205,27 @@ impl Fleet {
             }
         }
         pids
+    }
+
+    /// Starts another api replica on the same broker, store and queue; returns its URL once it
+    /// answers.
+    pub async fn add_api(&mut self) -> String {
+        let port = free_port();
+        let child = Command::new(binary("pyrunner-api"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("PYRUNNER_BIND", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start another api");
+        self.more_apis.push(child);
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::get(format!("{url}/healthz")).await.is_err() {
+            assert!(Instant::now() < deadline, "the second api did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        url
     }
 
     /// Kills worker `index` at once (SIGKILL), as a crash or an OOM kill would.
@@ -323,8 +347,9 @@ impl Fleet {
     /// Stops every process: SIGTERM, so they shut down gracefully and clean up, then SIGKILL
     /// for any still running after a few seconds.
     fn kill(&mut self) {
-        let children =
-            std::iter::once(&mut self.api).chain(self.workers.iter_mut().map(|(c, _)| c));
+        let children = std::iter::once(&mut self.api)
+            .chain(self.more_apis.iter_mut())
+            .chain(self.workers.iter_mut().map(|(c, _)| c));
         let children: Vec<&mut Child> = children.collect();
         for child in &children {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);

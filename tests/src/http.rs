@@ -351,3 +351,48 @@ pub async fn check_api_keys(base: &str, admin: impl Fn(&[&str]) -> Value) {
     assert_eq!(denied.status, 403, "{denied:?}");
     assert_eq!(denied.body["error"]["code"], "key_revoked");
 }
+
+/// Through one or more replicas of an api whose store `admin` manages: a key limited to 1
+/// request a second with a burst of 3 gets its burst across all the replicas together, then
+/// 429 with Retry-After and RateLimit headers, and again a request a second later.
+pub async fn check_rate_limit(bases: &[&str], admin: impl Fn(&[&str]) -> Value) {
+    let created = admin(&[
+        "create",
+        "--name",
+        "metered",
+        "--rate-per-sec",
+        "1",
+        "--burst",
+        "3",
+    ]);
+    let key = created["key"].as_str().unwrap().to_owned();
+    let path = format!("/jobs/{}", pyrunner_shared::JobId::new());
+    let mut replies = Vec::new();
+    for n in 0..4 {
+        let base = bases[n % bases.len()];
+        replies.push(send_keyed("GET", &format!("{base}{path}"), "x-api-key", &key, None).await);
+    }
+    for (reply, remaining) in replies[..3].iter().zip(["2", "1", "0"]) {
+        assert_eq!(
+            reply.status, 404,
+            "allowed, and the job is unknown: {reply:?}"
+        );
+        assert_eq!(reply.headers["ratelimit-limit"], "3", "{reply:?}");
+        assert_eq!(reply.headers["ratelimit-remaining"], remaining, "{reply:?}");
+    }
+    let denied = &replies[3];
+    assert_eq!(denied.status, 429, "{denied:?}");
+    assert_eq!(denied.body["error"]["code"], "rate_limited", "{denied:?}");
+    assert_eq!(denied.headers["retry-after"], "1", "{denied:?}");
+    assert_eq!(denied.headers["ratelimit-remaining"], "0", "{denied:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let again = send_keyed(
+        "GET",
+        &format!("{}{path}", bases[0]),
+        "x-api-key",
+        &key,
+        None,
+    )
+    .await;
+    assert_eq!(again.status, 404, "allowed again: {again:?}");
+}

@@ -482,3 +482,13 @@ async fn api_keys_guard_the_service_once_one_exists() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_s_request_rate_is_held() {
+    let api = EmbeddedApi::start(&[]).await;
+    let file = api.keys_file.display().to_string();
+    pyrunner_tests::http::check_rate_limit(&[&api.url], |args| {
+        pyrunner_tests::http::admin(args, &[("PYRUNNER_KEYS_FILE", file.as_str())])
+    })
+    .await;
+}

@@ -343,3 +343,16 @@ async fn api_keys_in_redis_guard_the_fleet() {
     .await;
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_s_request_rate_is_shared_by_two_api_replicas() {
+    let redis = PrivateRedis::start();
+    let url = redis.url();
+    let mut fleet = Fleet::start(1, &[SMALL[0], SMALL[1], ("REDIS_URL", url.as_str())]).await;
+    let second = fleet.add_api().await;
+    pyrunner_tests::http::check_rate_limit(&[&fleet.url, &second], |args| {
+        pyrunner_tests::http::admin(args, &[("REDIS_URL", url.as_str())])
+    })
+    .await;
+    fleet.stop().await;
+}
