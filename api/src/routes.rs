@@ -82,6 +82,7 @@ fn accept(state: &AppState, caller: &Caller, mut request: RunRequest) -> Result<
         code: request.code,
         stdin: request.stdin,
         limits,
+        caller: caller.0.as_ref().map(|record| record.name.clone()),
     })
 }
 

@@ -69,6 +69,10 @@ pub struct Job {
     #[serde(default)]
     pub stdin: Option<String>,
     pub limits: RunLimits,
+    /// The name of the API key that submitted it (none when the service runs open), for the
+    /// run's log line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
 }
 
 /// Where a job is in its life.

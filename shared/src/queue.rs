@@ -504,8 +504,17 @@ mod tests {
             code: "print('é')".into(),
             stdin: Some("in".into()),
             limits,
+            caller: Some("tutor".into()),
         };
         assert_eq!(decode(&encode(&job)).unwrap(), job);
+        // A message without a caller (the service ran open, or an older api sent it).
+        let open = Job {
+            caller: None,
+            ..job
+        };
+        let json = String::from_utf8(encode(&open)).unwrap();
+        assert!(!json.contains("caller"), "{json}");
+        assert_eq!(decode(json.as_bytes()).unwrap(), open);
         assert!(decode(b"{\"id\":1}").is_err());
     }
 }

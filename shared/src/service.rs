@@ -1,8 +1,11 @@
 //! What both binaries do the same way around their work: logging and the shutdown signal.
 
-/// Structured logs to stderr, filtered by `RUST_LOG` (else `default_filter`).
+/// Structured logs to stdout, filtered by `RUST_LOG` (else `default_filter`), coloured only on
+/// a terminal (a log collector gets plain `key=value` text).
 pub fn init_logging(default_filter: &str) {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| default_filter.into()),

@@ -63,5 +63,6 @@ pub fn job(code: &str, stdin: Option<&str>, limits: RunLimits) -> Job {
         code: code.to_owned(),
         stdin: stdin.map(str::to_owned),
         limits,
+        caller: None,
     }
 }

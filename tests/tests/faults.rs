@@ -341,6 +341,16 @@ async fn api_keys_in_redis_guard_the_fleet() {
         pyrunner_tests::http::admin(args, &[("REDIS_URL", url.as_str())])
     })
     .await;
+    // Each run's log line names the key that submitted it.
+    let log = fleet.worker_log(0);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("run finished") && l.contains("key=tutor")),
+        "{log}"
+    );
+    assert!(log
+        .lines()
+        .any(|l| l.contains("run finished") && l.contains("key=-")));
     fleet.stop().await;
 }
 

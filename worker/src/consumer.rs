@@ -69,6 +69,7 @@ pub async fn process_job(
     }
     tracing::info!(
         job = %job.id,
+        key = %job.caller.as_deref().unwrap_or("-"),
         status = result.status.as_str(),
         duration_ms = result.duration_ms,
         cpu_ms = result.cpu_ms,

@@ -405,6 +405,7 @@ pub fn probe_job(code: &str, limits: RunLimits) -> Job {
         code: code.to_owned(),
         stdin: None,
         limits,
+        caller: None,
     }
 }
 
