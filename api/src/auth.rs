@@ -2,6 +2,8 @@
 //! the key store on every guarded request (so a revocation holds at once, on every replica).
 //! With no key in the store the service runs open.
 
+use std::time::{Duration, Instant};
+
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
@@ -11,6 +13,10 @@ use crate::error::ApiError;
 use crate::keys::{self, KeyPolicy, KeyRecord};
 use crate::rate::{Decision, Rate};
 use crate::state::AppState;
+
+/// How long the service, found open (no key at all), is taken to stay open before the store is
+/// asked again.
+pub const OPEN_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The caller of a request: its key's record, or `None` when the service runs open.
 #[derive(Debug, Clone)]
@@ -48,6 +54,15 @@ pub async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    // While the service runs open, a request costs no lookup; a first key takes effect within
+    // OPEN_CHECK_EVERY. Once keys exist, every request is looked up (a revocation holds at once).
+    if state
+        .open_until()
+        .is_some_and(|until| Instant::now() < until)
+    {
+        request.extensions_mut().insert(Caller(None));
+        return Ok(next.run(request).await);
+    }
     let key = presented(request.headers());
     let digest = key.map(keys::digest).unwrap_or_default();
     let (record, any) = state
@@ -55,6 +70,7 @@ pub async fn authenticate(
         .lookup(&digest)
         .await
         .map_err(|e| ApiError::unavailable("cannot check the API key", e))?;
+    state.set_open_until((!any).then(|| Instant::now() + OPEN_CHECK_EVERY));
     let caller = match (record, any, key) {
         (_, false, _) => Caller(None),
         (Some(record), true, _) if record.revoked_at.is_some() => {

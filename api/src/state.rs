@@ -24,6 +24,8 @@ struct Inner {
     sync_waiters: Arc<Semaphore>,
     keys: KeyStore,
     rate: RateLimiter,
+    /// Until when the service is known to run open (no key in the store).
+    open_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl AppState {
@@ -47,6 +49,7 @@ impl AppState {
                     KeyStore::File(_) => RateLimiter::memory(),
                 },
                 keys,
+                open_until: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -59,6 +62,24 @@ impl AppState {
     /// Where the API keys are.
     pub fn keys(&self) -> &KeyStore {
         &self.inner.keys
+    }
+
+    /// Until when the service is known to run open, if it was found so lately.
+    pub fn open_until(&self) -> Option<std::time::Instant> {
+        *self
+            .inner
+            .open_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records whether the service was found open, and until when to trust it.
+    pub fn set_open_until(&self, until: Option<std::time::Instant>) {
+        *self
+            .inner
+            .open_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = until;
     }
 
     /// The request rates per key.
