@@ -99,14 +99,14 @@ impl ApiConfig {
 
     /// The keys file of embedded mode, with its default applied.
     pub fn keys_file(&self) -> std::path::PathBuf {
-        self.keys_file.clone().unwrap_or_else(|| {
-            if std::env::var_os("HOME").is_none() || pyrunner_worker::sandbox::sys::is_root() {
-                "/var/lib/pyrunner/keys.json".into()
-            } else {
-                let home = std::env::var_os("HOME").unwrap_or_default();
-                std::path::Path::new(&home).join(".config/pyrunner/keys.json")
-            }
-        })
+        self.keys_file
+            .clone()
+            .unwrap_or_else(|| match std::env::var_os("HOME") {
+                Some(home) if !pyrunner_worker::sandbox::sys::is_root() => {
+                    std::path::Path::new(&home).join(".config/pyrunner/keys.json")
+                }
+                _ => "/var/lib/pyrunner/keys.json".into(),
+            })
     }
 
     pub fn shutdown_grace(&self) -> Duration {

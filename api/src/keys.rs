@@ -169,6 +169,11 @@ impl KeyStore {
         }
     }
 
+    /// Whether any key exists (else the service runs open).
+    pub async fn any(&self) -> Result<bool, KeyError> {
+        Ok(self.lookup("").await?.1)
+    }
+
     /// The record of the key with this digest, and whether any key exists at all (when none
     /// does, the service runs open). One round trip to Redis.
     pub async fn lookup(&self, digest: &str) -> Result<(Option<KeyRecord>, bool), KeyError> {

@@ -7,10 +7,11 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use pyrunner_shared::backoff::Backoff;
 use pyrunner_shared::isolation;
 use pyrunner_shared::limits::LimitError;
 use pyrunner_shared::queue::QueueError;
-use pyrunner_shared::{Job, JobId, RunRequest};
+use pyrunner_shared::{Job, JobId, JobState, JobView, RunRequest, RunResult};
 use serde_json::json;
 
 use crate::auth::{self, Caller};
@@ -114,7 +115,7 @@ async fn run_code(
     submit(&state, job).await?;
     // The job is accepted: from here on the client gets its result, or its id to poll.
     let deadline = Instant::now() + wait;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -126,8 +127,7 @@ async fn run_code(
             // The store is away (a restart, say): the worker stores the result once it is back.
             Err(error) => {
                 tracing::warn!(job = %id, %error, "cannot wait for the result; retrying");
-                tokio::time::sleep(backoff.min(left)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                tokio::time::sleep(backoff.next_wait().min(left)).await;
             }
         }
     }
@@ -150,14 +150,17 @@ async fn submit_job(
         .into_response())
 }
 
+/// The job id of a path; one that is not an id names no job.
+fn job_id(id: &str) -> Result<JobId, ApiError> {
+    id.parse().map_err(|_| ApiError::job_not_found(id))
+}
+
 /// `GET /jobs/{id}`: the job's state, and its result once done.
 async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let Ok(job_id) = id.parse::<JobId>() else {
-        return Err(ApiError::job_not_found(&id));
-    };
+    let job_id = job_id(&id)?;
     match state.backend().view(job_id).await {
         Ok(Some(view)) => Ok(Json(view).into_response()),
         Ok(None) => Err(ApiError::job_not_found(&id)),
@@ -170,15 +173,18 @@ async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let Ok(job_id) = id.parse::<JobId>() else {
-        return Err(ApiError::job_not_found(&id));
-    };
+    let job_id = job_id(&id)?;
     match state.backend().cancel(job_id).await {
-        Ok(Cancelled::Now(view)) => {
+        Ok(Cancelled::Now) => {
             tracing::info!(job = %job_id, "job cancelled");
-            Ok(Json(view).into_response())
+            Ok(Json(JobView {
+                id: job_id,
+                status: JobState::Done,
+                result: Some(RunResult::cancelled(job_id)),
+            })
+            .into_response())
         }
-        Ok(Cancelled::AlreadyDone(_)) => Err(ApiError::job_finished(job_id)),
+        Ok(Cancelled::AlreadyDone) => Err(ApiError::job_finished(job_id)),
         Ok(Cancelled::Unknown) => Err(ApiError::job_not_found(&id)),
         Err(e) => Err(ApiError::unavailable("cannot cancel the job", e)),
     }
@@ -210,11 +216,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn service_info(State(state): State<AppState>) -> Json<serde_json::Value> {
     let backend = state.backend();
     let runtime = backend.runtime_info().await;
-    let auth = match state.keys().lookup("").await {
-        Ok((_, true)) => "api_keys",
-        Ok((_, false)) => {
-            "open: no API key is configured, anyone who can reach the service may use it"
-        }
+    let auth = match state.keys().any().await {
+        Ok(true) => "api_keys",
+        Ok(false) => "open: no API key is configured, anyone who can reach the service may use it",
         Err(_) => "unknown: the key store cannot be reached",
     };
     Json(json!({

@@ -53,9 +53,9 @@ impl Api {
         let policy = config.policy();
         policy.validate().map_err(StartError::Limits)?;
         let keys = config.key_store()?;
-        match keys.lookup("").await {
-            Ok((_, true)) => tracing::info!("API keys required"),
-            Ok((_, false)) => tracing::warn!(
+        match keys.any().await {
+            Ok(true) => tracing::info!("API keys required"),
+            Ok(false) => tracing::warn!(
                 "NO API KEY IS CONFIGURED: the service is open to anyone who can reach it; \
                  create one with `pyrunner-api keys create --name <name>`"
             ),

@@ -195,18 +195,20 @@ async fn refuses_work_while_away(fleet: &Fleet, what: &str) {
     assert!(reply.headers.contains_key("retry-after"), "{reply:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fleet_rides_out_a_broker_outage() {
-    let broker = service_addr(&amqp_url(), 5672).parse().unwrap();
-    let proxy = Proxy::start(broker).await;
-    let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    let env = [SMALL[0], SMALL[1], ("AMQP_URL", through_proxy.as_str())];
-    let fleet = Fleet::start(1, &env).await;
+/// An outage made by `away` and ended by `back` `away_for` later, with a run in flight: the
+/// api refuses work while it lasts, the waiting client gets the run's answer, and the fleet is
+/// ready and serving again afterwards.
+async fn ride_out(
+    fleet: &Fleet,
+    what: &str,
+    away: impl FnOnce(),
+    back: impl FnOnce(),
+    away_for: Duration,
+) {
     assert_eq!(
         run(&fleet.url, &json!({ "code": "pass" })).await.status,
         RunStatus::Success
     );
-    // A run in flight while the broker goes away.
     let url = fleet.url.clone();
     let client = tokio::spawn(async move {
         run(
@@ -216,11 +218,11 @@ async fn the_fleet_rides_out_a_broker_outage() {
         .await
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    proxy.cut();
+    away();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    refuses_work_while_away(&fleet, "broker").await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    proxy.restore();
+    refuses_work_while_away(fleet, what).await;
+    tokio::time::sleep(away_for.saturating_sub(Duration::from_millis(300))).await;
+    back();
     let result = tokio::time::timeout(Duration::from_secs(30), client)
         .await
         .expect("the waiting client got an answer")
@@ -231,6 +233,24 @@ async fn the_fleet_rides_out_a_broker_outage() {
     fleet.wait_for("/readyz").await;
     let after = run(&fleet.url, &json!({ "code": "print('after')" })).await;
     assert_eq!(after.stdout, "after\n", "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_rides_out_a_broker_outage() {
+    let broker = service_addr(&amqp_url(), 5672).parse().unwrap();
+    let proxy = Proxy::start(broker).await;
+    let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let env = [SMALL[0], SMALL[1], ("AMQP_URL", through_proxy.as_str())];
+    let fleet = Fleet::start(1, &env).await;
+    // The run in flight goes on; its message comes back to the worker once it reconnects.
+    ride_out(
+        &fleet,
+        "broker",
+        || proxy.cut(),
+        || proxy.restore(),
+        Duration::from_millis(1800),
+    )
+    .await;
     assert!(fleet.worker_log(0).contains("reconnecting"));
     assert!(fleet.api_log().contains("reconnected to the broker"));
     fleet.stop().await;
@@ -238,38 +258,19 @@ async fn the_fleet_rides_out_a_broker_outage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_rides_out_a_redis_restart() {
-    let mut redis = PrivateRedis::start();
-    let redis_url = redis.url();
+    let redis = std::cell::RefCell::new(PrivateRedis::start());
+    let redis_url = redis.borrow().url();
     let env = [SMALL[0], SMALL[1], ("REDIS_URL", redis_url.as_str())];
     let fleet = Fleet::start(1, &env).await;
-    assert_eq!(
-        run(&fleet.url, &json!({ "code": "pass" })).await.status,
-        RunStatus::Success
-    );
-    // A run in flight while Redis restarts: the worker keeps its result until Redis is back,
-    // and the waiting client gets it.
-    let url = fleet.url.clone();
-    let client = tokio::spawn(async move {
-        run(
-            &url,
-            &json!({ "code": "import time; time.sleep(2); print('kept')" }),
-        )
-        .await
-    });
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    redis.stop();
-    refuses_work_while_away(&fleet, "store").await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    redis.restart();
-    let result = tokio::time::timeout(Duration::from_secs(30), client)
-        .await
-        .expect("the waiting client got an answer")
-        .unwrap();
-    assert_eq!(result.status, RunStatus::Success, "{result:?}");
-    assert_eq!(result.stdout, "kept\n");
-    fleet.wait_for("/readyz").await;
-    let after = run(&fleet.url, &json!({ "code": "print('after')" })).await;
-    assert_eq!(after.stdout, "after\n", "{after:?}");
+    // The worker keeps the run's result until Redis is back.
+    ride_out(
+        &fleet,
+        "store",
+        || redis.borrow_mut().stop(),
+        || redis.borrow_mut().restart(),
+        Duration::from_millis(2500),
+    )
+    .await;
     fleet.stop().await;
 }
 

@@ -139,27 +139,24 @@ pub async fn consume(
                 _ = &mut shutdown => break None,
             }
         };
-        match lost {
-            None => {
-                // No more deliveries; those not started yet go back with the channel.
-                let _ = channel
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                    .await;
-                finish(&mut in_flight, &held, grace).await;
-                let _ = channel.close(200, "worker stopping".into()).await;
-                let _ = connection.close(200, "worker stopping".into()).await;
-                if let Some(watcher) = watcher {
-                    watcher.abort();
-                }
-                return Ok(());
-            }
-            Some(reason) => tracing::warn!(
-                %reason,
-                runs = in_flight.len(),
-                "the broker connection is lost; reconnecting (the runs in flight go on)"
-            ),
-        }
+        let Some(reason) = lost else {
+            // No more deliveries; those not started yet go back with the channel, which stays
+            // open until the runs in flight are acknowledged.
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+            finish(&mut in_flight, &held, grace).await;
+            let _ = channel.close(200, "worker stopping".into()).await;
+            let _ = connection.close(200, "worker stopping".into()).await;
+            break Ok(());
+        };
+        tracing::warn!(
+            %reason,
+            runs = in_flight.len(),
+            "the broker connection is lost; reconnecting (the runs in flight go on)"
+        );
     };
+    // Stopped while away from the broker: the runs' results are stored, their acks go nowhere.
     finish(&mut in_flight, &held, grace).await;
     if let Some(watcher) = watcher {
         watcher.abort();
@@ -207,6 +204,9 @@ async fn open(
 
 /// Lets the jobs in flight finish within `grace`; past it, stops their runs and requeues them.
 async fn finish(in_flight: &mut JoinSet<()>, held: &InFlight, grace: Duration) {
+    if in_flight.is_empty() {
+        return;
+    }
     tracing::info!(
         runs = in_flight.len(),
         ?grace,

@@ -27,10 +27,11 @@ pub enum SubmitError {
 
 /// What `DELETE /jobs/{id}` found.
 pub enum Cancelled {
-    /// The job was queued or running; it is stopped, and this is its result.
-    Now(JobView),
-    /// The job had finished already; this is its result.
-    AlreadyDone(JobView),
+    /// The job was queued or running; it is stopped, and its result is
+    /// [`RunResult::cancelled`].
+    Now,
+    /// The job had finished already.
+    AlreadyDone,
     /// No such job (or it has expired).
     Unknown,
 }
@@ -102,26 +103,16 @@ impl Backend {
         let Some(view) = self.view(id).await? else {
             return Ok(Cancelled::Unknown);
         };
-        if view.result.is_some() {
-            return Ok(Cancelled::AlreadyDone(view));
-        }
         let result = RunResult::cancelled(id);
-        if !self.store().put_result(&result).await? {
-            // A result landed in between.
-            return Ok(match self.view(id).await? {
-                Some(view) => Cancelled::AlreadyDone(view),
-                None => Cancelled::Unknown,
-            });
+        // Stored only if the job has no result yet: one that landed in between is kept.
+        if view.result.is_some() || !self.store().put_result(&result).await? {
+            return Ok(Cancelled::AlreadyDone);
         }
         match self {
             Backend::Fleet(b) => b.stop(id).await,
             Backend::Embedded(b) => b.stop(id),
         }
-        Ok(Cancelled::Now(JobView {
-            id,
-            status: pyrunner_shared::JobState::Done,
-            result: Some(result),
-        }))
+        Ok(Cancelled::Now)
     }
 
     /// Whether jobs can be served now; the error says what is missing.
