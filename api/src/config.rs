@@ -65,6 +65,11 @@ pub struct ApiConfig {
     /// /var/lib/pyrunner/keys.json as root, else ~/.config/pyrunner/keys.json.
     #[arg(long, env = "PYRUNNER_KEYS_FILE")]
     pub keys_file: Option<std::path::PathBuf>,
+    /// Length of the period each key's CPU quota (`--cpu-quota-secs`) is for, in seconds;
+    /// periods start at the Unix epoch, so a day's are UTC days.
+    #[arg(long, env = "PYRUNNER_QUOTA_PERIOD_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub quota_period_secs: u64,
     /// Executor settings, used in embedded mode.
     #[command(flatten)]
     pub executor: ExecutorArgs,
@@ -107,6 +112,23 @@ impl ApiConfig {
                 }
                 _ => "/var/lib/pyrunner/keys.json".into(),
             })
+    }
+
+    /// Where embedded mode keeps each key's usage: `usage.json` beside the keys file.
+    pub fn usage_file(&self) -> std::path::PathBuf {
+        self.keys_file().with_file_name("usage.json")
+    }
+
+    /// The ledger of the keys' jobs in flight and usage: Redis in fleet mode, else memory saved
+    /// to the usage file.
+    pub fn ledger(
+        &self,
+    ) -> Result<pyrunner_shared::ledger::Ledger, pyrunner_shared::ledger::LedgerError> {
+        use pyrunner_shared::ledger::Ledger;
+        match &self.redis_url {
+            Some(url) => Ledger::redis(url),
+            None => Ledger::memory(Some(&self.usage_file())),
+        }
     }
 
     pub fn shutdown_grace(&self) -> Duration {

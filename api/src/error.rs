@@ -14,6 +14,10 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     job_id: Option<JobId>,
+    /// The caller's limit that was reached, named as in its key's policy.
+    limit: Option<&'static str>,
+    /// Seconds after which the request may succeed.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -23,6 +27,8 @@ impl ApiError {
             code,
             message: message.into(),
             job_id: None,
+            limit: None,
+            retry_after: None,
         }
     }
 
@@ -98,6 +104,61 @@ impl ApiError {
         )
     }
 
+    /// The key has as many jobs queued or running as its policy allows.
+    pub fn too_many_in_flight(name: &str, limit: u32) -> Self {
+        Self {
+            limit: Some("max_concurrent"),
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "concurrency_limit",
+                format!(
+                    "the API key {name:?} has {limit} jobs queued or running, its max_concurrent; \
+                     wait for one to finish"
+                ),
+            )
+        }
+    }
+
+    /// The key's runs used up its CPU quota for the period, which ends in `resets_in` seconds.
+    pub fn quota_exhausted(name: &str, used_ms: u64, quota_ms: u64, resets_in: u64) -> Self {
+        Self {
+            limit: Some("cpu_quota_secs"),
+            retry_after: Some(resets_in.max(1)),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exhausted",
+                format!(
+                    "the API key {name:?} used {:.3} CPU seconds of its quota of {:.3} for this \
+                     period, which ends in {resets_in} s",
+                    used_ms as f64 / 1000.0,
+                    quota_ms as f64 / 1000.0
+                ),
+            )
+        }
+    }
+
+    /// The key may not use the admin endpoints.
+    pub fn not_admin(name: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "not_admin",
+            format!(
+                "the API key {name:?} is not an admin key; make one with \
+                 `pyrunner-api keys create --name <name> --admin`"
+            ),
+        )
+    }
+
+    /// No key has this name.
+    pub fn key_not_found(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "key_not_found",
+            format!("no API key is named {name:?}"),
+        )
+    }
+
     /// The key was revoked.
     pub fn key_revoked(name: &str) -> Self {
         Self::new(
@@ -159,6 +220,9 @@ impl IntoResponse for ApiError {
         if let Some(id) = self.job_id {
             error["job_id"] = json!(id);
         }
+        if let Some(limit) = self.limit {
+            error["limit"] = json!(limit);
+        }
         let mut response = (self.status, Json(json!({ "error": error }))).into_response();
         if let Some(id) = self.job_id {
             if let Ok(location) = HeaderValue::from_str(&format!("/jobs/{id}")) {
@@ -170,10 +234,13 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = self
+            .retry_after
+            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1));
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

@@ -59,6 +59,15 @@ pub struct KeyPolicy {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory_mb: Option<u64>,
+    /// Jobs this key may have queued or running at once, over every api replica (429 past it).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// CPU seconds this key's runs may use in each quota period, a UTC day unless
+    /// PYRUNNER_QUOTA_PERIOD_SECS says otherwise (429 past it, until the next period).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_quota_secs: Option<f64>,
 }
 
 impl KeyPolicy {
@@ -69,7 +78,15 @@ impl KeyPolicy {
             burst: update.burst.or(self.burst),
             max_timeout_ms: update.max_timeout_ms.or(self.max_timeout_ms),
             max_memory_mb: update.max_memory_mb.or(self.max_memory_mb),
+            max_concurrent: update.max_concurrent.or(self.max_concurrent),
+            cpu_quota_secs: update.cpu_quota_secs.or(self.cpu_quota_secs),
         }
+    }
+
+    /// The key's CPU quota per period, in ms, when it has one.
+    pub fn cpu_quota_ms(&self) -> Option<u64> {
+        self.cpu_quota_secs
+            .map(|secs| (secs.max(0.0) * 1000.0).round() as u64)
     }
 
     /// The key's rate, when it has one.
@@ -94,6 +111,9 @@ pub struct KeyRecord {
     pub revoked_at: Option<u64>,
     #[serde(default)]
     pub policy: KeyPolicy,
+    /// Whether the key may use the admin endpoints (`/admin/...`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 /// The SHA-256 of a key, in hex: what the store knows it by.
@@ -220,6 +240,7 @@ impl KeyStore {
         &self,
         name: &str,
         policy: KeyPolicy,
+        admin: bool,
     ) -> Result<(String, KeyRecord), KeyError> {
         check_name(name)?;
         if self.all().await?.values().any(|r| r.name == name) {
@@ -232,6 +253,7 @@ impl KeyStore {
             created_at: now(),
             revoked_at: None,
             policy,
+            admin,
         };
         self.put(&digest(&key), &record).await?;
         Ok((key, record))
@@ -347,17 +369,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = KeyStore::file(&dir.path().join("keys.json"));
         assert_eq!(store.lookup(&digest("pyr_x")).await.unwrap(), (None, false));
-        let (key, record) = store.create("tutor", KeyPolicy::default()).await.unwrap();
+        let (key, record) = store
+            .create("tutor", KeyPolicy::default(), false)
+            .await
+            .unwrap();
         assert!(key.starts_with("pyr_") && key.len() == 68, "{key}");
         assert!(key.starts_with(&record.prefix));
         let text = std::fs::read_to_string(dir.path().join("keys.json")).unwrap();
         assert!(!text.contains(&key), "the key itself is never stored");
         assert!(matches!(
-            store.create("tutor", KeyPolicy::default()).await,
+            store.create("tutor", KeyPolicy::default(), false).await,
             Err(KeyError::NameTaken(_))
         ));
         assert!(matches!(
-            store.create("a b", KeyPolicy::default()).await,
+            store.create("a b", KeyPolicy::default(), false).await,
             Err(KeyError::BadName(_))
         ));
         let (found, any) = store.lookup(&digest(&key)).await.unwrap();

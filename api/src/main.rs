@@ -30,8 +30,10 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let Cli { command, config } = Cli::parse();
     if let Some(Command::Keys { command }) = command {
-        let store = config.key_store()?;
-        let out = tokio::runtime::Runtime::new()?.block_on(admin::run(&command, &store))?;
+        let (store, ledger) = (config.key_store()?, config.ledger()?);
+        let period = pyrunner_shared::ledger::Period::current(config.quota_period_secs);
+        let out = tokio::runtime::Runtime::new()?
+            .block_on(admin::run(&command, &store, &ledger, period))?;
         println!("{out}");
         return Ok(());
     }

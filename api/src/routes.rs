@@ -1,6 +1,6 @@
 //! The HTTP routes.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode, Uri};
@@ -9,6 +9,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use pyrunner_shared::backoff::Backoff;
 use pyrunner_shared::isolation;
+use pyrunner_shared::ledger::{Admission, Admitted};
 use pyrunner_shared::limits::LimitError;
 use pyrunner_shared::queue::QueueError;
 use pyrunner_shared::{Job, JobId, JobState, JobView, RunRequest, RunResult};
@@ -36,6 +37,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(guarded)
+        .nest("/admin", crate::admin::routes(state.clone()))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::trace::TraceLayer::new_for_http())
@@ -84,11 +86,66 @@ fn accept(state: &AppState, caller: &Caller, mut request: RunRequest) -> Result<
         stdin: request.stdin,
         limits,
         caller: caller.0.as_ref().map(|record| record.name.clone()),
+        period: caller.0.as_ref().map(|_| state.quota_period()),
     })
 }
 
-async fn submit(state: &AppState, job: Job) -> Result<(), ApiError> {
-    state.backend().submit(job).await.map_err(|e| match e {
+/// How long a job's place among its key's jobs in flight outlasts its timeout, should its
+/// release be lost (a worker killed between storing the result and releasing the place).
+const IN_FLIGHT_MARGIN: Duration = Duration::from_secs(600);
+
+/// Holds a keyed job against its key's concurrency and CPU quota, and takes its place among the
+/// key's jobs in flight.
+async fn admit(state: &AppState, caller: &Caller, job: &Job) -> Result<(), ApiError> {
+    let (Some(record), Some(period)) = (&caller.0, job.period) else {
+        return Ok(());
+    };
+    let admission = Admission {
+        caller: &record.name,
+        job: job.id,
+        period,
+        max_in_flight: record.policy.max_concurrent,
+        cpu_quota_ms: record.policy.cpu_quota_ms(),
+        hold: job.limits.timeout() + IN_FLIGHT_MARGIN,
+    };
+    let admitted = state
+        .ledger()
+        .admit(&admission)
+        .await
+        .map_err(|e| ApiError::unavailable("cannot check the API key's limits", e))?;
+    match admitted {
+        Admitted::Yes => Ok(()),
+        Admitted::TooManyInFlight { limit } => {
+            Err(ApiError::too_many_in_flight(&record.name, limit))
+        }
+        Admitted::QuotaExhausted { used_ms, quota_ms } => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            Err(ApiError::quota_exhausted(
+                &record.name,
+                used_ms,
+                quota_ms,
+                period.ends_at().saturating_sub(now),
+            ))
+        }
+    }
+}
+
+/// Admits the job and hands it to the workers; a job admitted but not queued gives its place
+/// back.
+async fn submit(state: &AppState, caller: &Caller, job: Job) -> Result<(), ApiError> {
+    admit(state, caller, &job).await?;
+    let (id, name) = (job.id, job.caller.clone());
+    let Err(error) = state.backend().submit(job).await else {
+        return Ok(());
+    };
+    if let Some(name) = name {
+        if let Err(error) = state.ledger().release(&name, id).await {
+            tracing::warn!(job = %id, %error, "cannot give back the place of a job not queued");
+        }
+    }
+    Err(match error {
         SubmitError::Queue(QueueError::Refused { .. }) | SubmitError::Full => ApiError::overloaded(
             "queue_full",
             "the job queue is full (PYRUNNER_MAX_QUEUE_LENGTH); try again shortly",
@@ -112,7 +169,7 @@ async fn run_code(
         ));
     };
     let (id, wait) = (job.id, job.limits.timeout() + state.sync_margin());
-    submit(&state, job).await?;
+    submit(&state, &caller, job).await?;
     // The job is accepted: from here on the client gets its result, or its id to poll.
     let deadline = Instant::now() + wait;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
@@ -141,7 +198,7 @@ async fn submit_job(
 ) -> Result<Response, ApiError> {
     let job = accept(&state, &caller, request)?;
     let id = job.id;
-    submit(&state, job).await?;
+    submit(&state, &caller, job).await?;
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/jobs/{id}"))],

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::backend::{Backend, EmbeddedBackend, FleetBackend};
 use crate::config::ApiConfig;
 use crate::routes::app;
-use crate::state::AppState;
+use crate::state::{AppState, Callers, SyncWaits};
 
 /// The api cannot start.
 #[derive(Debug, Error)]
@@ -31,6 +31,8 @@ pub enum StartError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Keys(#[from] crate::keys::KeyError),
+    #[error(transparent)]
+    Ledger(#[from] pyrunner_shared::ledger::LedgerError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -61,6 +63,7 @@ impl Api {
             ),
             Err(error) => return Err(error.into()),
         }
+        let ledger = config.ledger()?;
         let (backend, work_root) = match (&config.amqp_url, &config.redis_url) {
             (Some(amqp), Some(redis)) => {
                 let publisher = Publisher::connect(amqp, &config.queue).await?;
@@ -80,6 +83,7 @@ impl Api {
                 let backend = EmbeddedBackend::new(
                     executor,
                     runtime,
+                    ledger.clone(),
                     config.result_ttl(),
                     config.queue.max_length as usize,
                 );
@@ -90,10 +94,16 @@ impl Api {
         Ok(Self {
             state: AppState::new(
                 backend,
-                keys,
+                Callers {
+                    keys,
+                    ledger,
+                    quota_period_secs: config.quota_period_secs,
+                },
                 policy,
-                config.sync_margin(),
-                config.max_sync_waiters,
+                SyncWaits {
+                    margin: config.sync_margin(),
+                    max_waiters: config.max_sync_waiters,
+                },
             ),
             shutdown_grace: config.shutdown_grace(),
             _work_root: work_root,

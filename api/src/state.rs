@@ -3,12 +3,28 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pyrunner_shared::ledger::{Ledger, Period};
 use pyrunner_shared::LimitPolicy;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::Backend;
 use crate::keys::KeyStore;
 use crate::rate::RateLimiter;
+
+/// Who may call, and the ledger their limits are held against.
+pub struct Callers {
+    pub keys: KeyStore,
+    pub ledger: Ledger,
+    /// Length of a quota period, in seconds.
+    pub quota_period_secs: u64,
+}
+
+/// How synchronous runs wait: for their timeout plus `margin` before 504, and at most
+/// `max_waiters` at once.
+pub struct SyncWaits {
+    pub margin: Duration,
+    pub max_waiters: usize,
+}
 
 /// Shared, cheaply cloned state of the api.
 #[derive(Clone)]
@@ -24,26 +40,29 @@ struct Inner {
     sync_waiters: Arc<Semaphore>,
     keys: KeyStore,
     rate: RateLimiter,
+    ledger: Ledger,
+    /// Length of a quota period, in seconds.
+    quota_period_secs: u64,
     /// Until when the service is known to run open (no key in the store).
     open_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl AppState {
-    /// State over `backend`, enforcing `policy`; a synchronous run waits for its timeout plus
-    /// `sync_margin` before answering 504, and at most `max_sync_waiters` wait at once.
-    pub fn new(
-        backend: Backend,
-        keys: KeyStore,
-        policy: LimitPolicy,
-        sync_margin: Duration,
-        max_sync_waiters: usize,
-    ) -> Self {
+    /// State over `backend`, enforcing `policy` and the callers' own limits.
+    pub fn new(backend: Backend, callers: Callers, policy: LimitPolicy, sync: SyncWaits) -> Self {
+        let Callers {
+            keys,
+            ledger,
+            quota_period_secs,
+        } = callers;
         Self {
             inner: Arc::new(Inner {
                 backend,
                 policy,
-                sync_margin,
-                sync_waiters: Arc::new(Semaphore::new(max_sync_waiters.max(1))),
+                sync_margin: sync.margin,
+                sync_waiters: Arc::new(Semaphore::new(sync.max_waiters.max(1))),
+                ledger,
+                quota_period_secs,
                 rate: match &keys {
                     KeyStore::Redis(pool) => RateLimiter::Redis(pool.clone()),
                     KeyStore::File(_) => RateLimiter::memory(),
@@ -85,6 +104,16 @@ impl AppState {
     /// The request rates per key.
     pub fn rate(&self) -> &RateLimiter {
         &self.inner.rate
+    }
+
+    /// Each key's jobs in flight and usage.
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    /// The quota period that holds now.
+    pub fn quota_period(&self) -> Period {
+        Period::current(self.inner.quota_period_secs)
     }
 
     pub fn backend(&self) -> &Backend {

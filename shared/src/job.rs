@@ -73,6 +73,9 @@ pub struct Job {
     /// run's log line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
+    /// The quota period the api accepted it in, which its usage counts in (with a caller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<crate::ledger::Period>,
 }
 
 /// Where a job is in its life.

@@ -5,6 +5,7 @@
 //! - [`outcome`]: the result of a run, as the API returns it.
 //! - [`store`]: where job state and results live (Redis, or memory in embedded mode).
 //! - [`queue`]: the RabbitMQ contract (queue name, message format, publisher).
+//! - [`ledger`]: each API key's jobs in flight and usage, which its limits are held against.
 //! - [`runtime`]: what the Python runtime of a worker offers.
 //! - [`isolation`]: the isolation layers, and the report of which ones runs get.
 //! - [`service`]: logging and the shutdown signal of both binaries.
@@ -13,6 +14,7 @@
 pub mod backoff;
 pub mod isolation;
 pub mod job;
+pub mod ledger;
 pub mod limits;
 pub mod outcome;
 pub mod queue;

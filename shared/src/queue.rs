@@ -505,11 +505,13 @@ mod tests {
             stdin: Some("in".into()),
             limits,
             caller: Some("tutor".into()),
+            period: Some(crate::ledger::Period::at(100_000, 86_400)),
         };
         assert_eq!(decode(&encode(&job)).unwrap(), job);
         // A message without a caller (the service ran open, or an older api sent it).
         let open = Job {
             caller: None,
+            period: None,
             ..job
         };
         let json = String::from_utf8(encode(&open)).unwrap();

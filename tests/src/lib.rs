@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: the prepared runtime, executors, and running the
 //! real api and worker binaries.
 
+pub mod callers;
 pub mod catalogue;
 pub mod fleet;
 pub mod http;
@@ -64,5 +65,6 @@ pub fn job(code: &str, stdin: Option<&str>, limits: RunLimits) -> Job {
         stdin: stdin.map(str::to_owned),
         limits,
         caller: None,
+        period: None,
     }
 }

@@ -492,3 +492,20 @@ async fn a_key_s_request_rate_is_held() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_s_concurrency_quota_and_usage() {
+    let period = pyrunner_tests::callers::QUOTA_PERIOD_SECS.to_string();
+    let api = EmbeddedApi::start(&["--quota-period-secs", &period]).await;
+    let file = api.keys_file.display().to_string();
+    pyrunner_tests::callers::check_key_limits(&[&api.url], |args| {
+        pyrunner_tests::http::admin(
+            args,
+            &[
+                ("PYRUNNER_KEYS_FILE", file.as_str()),
+                ("PYRUNNER_QUOTA_PERIOD_SECS", period.as_str()),
+            ],
+        )
+    })
+    .await;
+}

@@ -367,3 +367,29 @@ async fn a_key_s_request_rate_is_shared_by_two_api_replicas() {
     .await;
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_s_limits_and_usage_hold_across_two_api_replicas() {
+    let redis = PrivateRedis::start();
+    let url = redis.url();
+    let period = pyrunner_tests::callers::QUOTA_PERIOD_SECS.to_string();
+    let env = [
+        SMALL[0],
+        SMALL[1],
+        ("REDIS_URL", url.as_str()),
+        ("PYRUNNER_QUOTA_PERIOD_SECS", period.as_str()),
+    ];
+    let mut fleet = Fleet::start(1, &env).await;
+    let second = fleet.add_api().await;
+    pyrunner_tests::callers::check_key_limits(&[&fleet.url, &second], |args| {
+        pyrunner_tests::http::admin(
+            args,
+            &[
+                ("REDIS_URL", url.as_str()),
+                ("PYRUNNER_QUOTA_PERIOD_SECS", period.as_str()),
+            ],
+        )
+    })
+    .await;
+    fleet.stop().await;
+}

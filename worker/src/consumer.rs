@@ -6,76 +6,26 @@
 //! ("worker lost") and the message goes to the dead-letter queue, as a malformed one does.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicRejectOptions};
 use pyrunner_shared::backoff::Backoff;
 use pyrunner_shared::queue::{self, QueueError, QueueSettings};
-use pyrunner_shared::store::{RedisStore, ResultStore, StoreError};
-use pyrunner_shared::{Job, JobId, RunResult};
+use pyrunner_shared::store::{RedisStore, ResultStore};
+use pyrunner_shared::{JobId, RunResult};
 use thiserror::Error;
 use tokio::task::JoinSet;
 
-use crate::executor::Executor;
-use crate::in_flight::{Control, InFlight};
-
-/// How long a finished run's result is retried while the store is away, before its job is
-/// given back to the queue.
-const STORE_RETRY_WINDOW: Duration = Duration::from_secs(60);
+use crate::in_flight::InFlight;
+use crate::runner::Runner;
 
 /// The worker loop stopped for a reason other than shutdown.
 #[derive(Debug, Error)]
 pub enum ConsumerError {
     #[error(transparent)]
     Queue(#[from] QueueError),
-}
-
-/// Runs one job: waits for a slot, marks the job running, runs it and stores the result.
-/// Returns the result whether or not it was the first one stored for the id, or `None` when
-/// `control` stopped the job for it to go back to the queue (nothing is stored then).
-pub async fn process_job(
-    executor: &Executor,
-    store: &ResultStore,
-    job: &Job,
-    control: &Control,
-) -> Result<Option<RunResult>, StoreError> {
-    let result = tokio::select! {
-        reservation = executor.reserve() => {
-            tracing::info!(job = %job.id, "run started");
-            // The state is written while the run goes on, and before the result. A job that
-            // already has a result was cancelled while it waited: its run stops at once.
-            let marking = async {
-                match store.mark_running(job.id).await {
-                    Ok(true) => control.token.cancel(),
-                    Ok(false) => {}
-                    Err(error) => tracing::warn!(job = %job.id, %error, "cannot mark job running"),
-                }
-            };
-            let ((), result) = tokio::join!(
-                marking,
-                executor.run_until(reservation, job, &control.token)
-            );
-            result
-        }
-        _ = control.token.cancelled() => RunResult::cancelled(job.id),
-    };
-    if control.requeued() {
-        return Ok(None);
-    }
-    if !store_result(store, &result).await? {
-        tracing::info!(job = %job.id, "a result was already stored; keeping the first");
-    }
-    tracing::info!(
-        job = %job.id,
-        key = %job.caller.as_deref().unwrap_or("-"),
-        status = result.status.as_str(),
-        duration_ms = result.duration_ms,
-        cpu_ms = result.cpu_ms,
-        "run finished"
-    );
-    Ok(Some(result))
 }
 
 /// Consumes jobs until `shutdown` completes, then finishes the runs in flight. A lost broker
@@ -85,16 +35,15 @@ pub async fn process_job(
 pub async fn consume(
     amqp_url: &str,
     queue: &QueueSettings,
-    executor: Executor,
-    store: ResultStore,
+    runner: Runner,
     grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ConsumerError> {
-    let prefetch = u16::try_from(executor.concurrency()).unwrap_or(u16::MAX);
+    let prefetch = u16::try_from(runner.executor.concurrency()).unwrap_or(u16::MAX);
     let tag = format!("pyrunner-worker-{}", std::process::id());
     let mut in_flight = JoinSet::new();
     let held = InFlight::default();
-    let watcher = match &store {
+    let watcher = match &runner.store {
         ResultStore::Redis(redis) => Some(tokio::spawn(watch_cancellations(
             redis.clone(),
             held.clone(),
@@ -126,10 +75,10 @@ pub async fn consume(
             tokio::select! {
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
-                        let (executor, store) = (executor.clone(), store.clone());
-                        let (max_deliveries, held) = (queue.max_deliveries, held.clone());
+                        let (runner, held) = (runner.clone(), held.clone());
+                        let max_deliveries = queue.max_deliveries;
                         in_flight.spawn(async move {
-                            handle(delivery, &executor, &store, &held, max_deliveries).await
+                            handle(delivery, &runner, &held, max_deliveries).await
                         });
                     }
                     Some(Err(error)) => break Some(error.to_string()),
@@ -223,31 +172,7 @@ async fn finish(in_flight: &mut JoinSet<()>, held: &InFlight, grace: Duration) {
     }
 }
 
-/// Stores `result`, retrying with backoff for up to [`STORE_RETRY_WINDOW`] while the store is
-/// away (a Redis restart), so that a finished run's answer is not lost with it.
-async fn store_result(store: &ResultStore, result: &RunResult) -> Result<bool, StoreError> {
-    let deadline = Instant::now() + STORE_RETRY_WINDOW;
-    let mut backoff = Backoff::reconnect();
-    loop {
-        match store.put_result(result).await {
-            Ok(first) => return Ok(first),
-            Err(error) if Instant::now() < deadline => {
-                let wait = backoff.next_wait();
-                tracing::warn!(job = %result.id, %error, ?wait, "cannot store the result yet; retrying");
-                tokio::time::sleep(wait).await;
-            }
-            Err(error) => return Err(error),
-        }
-    }
-}
-
-async fn handle(
-    delivery: Delivery,
-    executor: &Executor,
-    store: &ResultStore,
-    held: &InFlight,
-    max_deliveries: u32,
-) {
+async fn handle(delivery: Delivery, runner: &Runner, held: &InFlight, max_deliveries: u32) {
     let previous = queue::previous_deliveries(&delivery);
     let job = match queue::decode(&delivery.data) {
         Ok(job) => job,
@@ -266,7 +191,7 @@ async fn handle(
             // A job of ours whose body was damaged still gets an answer.
             if let Some(id) = message_id.and_then(|id| id.parse::<JobId>().ok()) {
                 let result = RunResult::internal_error(id, "the job's message was malformed");
-                if let Err(error) = store.put_result(&result).await {
+                if let Err(error) = runner.store.put_result(&result).await {
                     tracing::error!(job = %id, %error, "cannot store the result of a malformed message");
                 }
             }
@@ -286,8 +211,11 @@ async fn handle(
                 "worker lost: the job was handed to a worker {previous} times and none finished it"
             ),
         );
-        match store_result(store, &result).await {
-            Ok(_) => dead_letter(&delivery).await,
+        match runner.store_result(&result).await {
+            Ok(_) => {
+                runner.settle(&job, &result).await;
+                dead_letter(&delivery).await;
+            }
             Err(error) => {
                 // The broker dead-letters it after one more delivery in any case.
                 tracing::error!(job = %job.id, %error, "cannot store the lost job's result; requeueing");
@@ -300,7 +228,7 @@ async fn handle(
         tracing::warn!(job = %job.id, deliveries = previous, "running a job again: its worker was lost");
     }
     let holding = held.hold(job.id);
-    match process_job(executor, store, &job, &holding.control).await {
+    match runner.process(&job, &holding.control).await {
         Ok(Some(_)) => {
             if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
                 tracing::warn!(job = %job.id, %error, "cannot ack; the job may run again");

@@ -1,8 +1,10 @@
 use anyhow::Context;
 use clap::Parser;
+use pyrunner_shared::ledger::Ledger;
 use pyrunner_shared::service::{init_logging, shutdown_signal};
 use pyrunner_shared::store::{RedisStore, ResultStore};
 use pyrunner_worker::config::WorkerConfig;
+use pyrunner_worker::runner::Runner;
 
 fn main() -> anyhow::Result<()> {
     init_logging("info");
@@ -42,12 +44,15 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             }
         }
     });
-    let store = ResultStore::Redis(redis);
+    let runner = Runner {
+        executor,
+        store: ResultStore::Redis(redis),
+        ledger: Ledger::redis(&config.redis_url)?,
+    };
     pyrunner_worker::consumer::consume(
         &config.amqp_url,
         &config.queue,
-        executor,
-        store,
+        runner,
         config.shutdown_grace(),
         shutdown_signal(),
     )

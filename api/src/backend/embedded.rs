@@ -4,18 +4,21 @@
 
 use std::time::Duration;
 
+use pyrunner_shared::ledger::Ledger;
 use pyrunner_shared::runtime::RuntimeInfo;
 use pyrunner_shared::store::{MemoryStore, ResultStore};
 use pyrunner_shared::{Job, JobId, RunResult};
-use pyrunner_worker::consumer::process_job;
 use pyrunner_worker::in_flight::InFlight;
+use pyrunner_worker::runner::Runner;
 use pyrunner_worker::Executor;
+
+/// How often the usage ledger is saved to its file (for the admin command) while it changes.
+const SAVE_USAGE_EVERY: Duration = Duration::from_secs(1);
 
 /// The embedded backend.
 #[derive(Clone)]
 pub struct EmbeddedBackend {
-    executor: Executor,
-    store: ResultStore,
+    runner: Runner,
     runtime: RuntimeInfo,
     held: InFlight,
     /// Most jobs held at once, waiting or running (0: no bound).
@@ -23,20 +26,39 @@ pub struct EmbeddedBackend {
 }
 
 impl EmbeddedBackend {
-    /// Runs jobs with `executor`, keeping results for `ttl`, and holds at most `max_held` jobs
+    /// Runs jobs with `executor`, keeping results for `ttl` and the keys' usage in `ledger`
+    /// (saved to its file every second while it changes), and holds at most `max_held` jobs
     /// (waiting or running; 0: no bound).
-    pub fn new(executor: Executor, runtime: RuntimeInfo, ttl: Duration, max_held: usize) -> Self {
+    pub fn new(
+        executor: Executor,
+        runtime: RuntimeInfo,
+        ledger: Ledger,
+        ttl: Duration,
+        max_held: usize,
+    ) -> Self {
+        let saved = ledger.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SAVE_USAGE_EVERY).await;
+                if let Err(error) = saved.save() {
+                    tracing::warn!(%error, "cannot save the usage ledger");
+                }
+            }
+        });
         Self {
             max_held,
-            executor,
-            store: ResultStore::Memory(MemoryStore::new(ttl)),
+            runner: Runner {
+                executor,
+                store: ResultStore::Memory(MemoryStore::new(ttl)),
+                ledger,
+            },
             runtime,
             held: InFlight::default(),
         }
     }
 
     pub(super) fn store(&self) -> &ResultStore {
-        &self.store
+        &self.runner.store
     }
 
     pub(super) fn runtime_info(&self) -> &RuntimeInfo {
@@ -64,6 +86,9 @@ impl EmbeddedBackend {
                 "the shutdown deadline passed: stopping the jobs left"
             );
         }
+        if let Err(error) = self.runner.ledger.save() {
+            tracing::warn!(%error, "cannot save the usage ledger");
+        }
     }
 
     /// Stops job `id`, waiting for a slot or running.
@@ -73,13 +98,14 @@ impl EmbeddedBackend {
 
     /// Queues a job; a task runs it once a slot is free and stores its result.
     pub(super) fn enqueue(&self, job: Job) {
-        let (executor, store) = (self.executor.clone(), self.store.clone());
+        let runner = self.runner.clone();
         let holding = self.held.hold(job.id);
         tokio::spawn(async move {
-            if let Err(error) = process_job(&executor, &store, &job, &holding.control).await {
+            if let Err(error) = runner.process(&job, &holding.control).await {
                 // The memory store cannot fail; keep the job answered all the same.
                 tracing::error!(job = %job.id, %error, "cannot store a result");
-                let _ = store
+                let _ = runner
+                    .store
                     .put_result(&RunResult::internal_error(
                         job.id,
                         "the service lost this result",

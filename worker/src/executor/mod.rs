@@ -406,6 +406,7 @@ pub fn probe_job(code: &str, limits: RunLimits) -> Job {
         stdin: None,
         limits,
         caller: None,
+        period: None,
     }
 }
 

@@ -1,0 +1,186 @@
+//! Checks of what each caller (API key) is held to and what it is shown, run against any api:
+//! concurrency, the CPU quota and its reset, usage through the admin command and the admin
+//! endpoints.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::http::{send_keyed, Reply};
+
+/// The quota period the apis of these checks run with (`PYRUNNER_QUOTA_PERIOD_SECS`): short,
+/// so that a test sees a quota reset, and long enough for a few runs within one period.
+pub const QUOTA_PERIOD_SECS: u64 = 6;
+
+/// `key`'s request through `base`.
+async fn call(base: &str, method: &str, path: &str, key: &str, body: Option<&Value>) -> Reply {
+    send_keyed(method, &format!("{base}{path}"), "x-api-key", key, body).await
+}
+
+/// Polls job `id` with `key` until it has a result.
+async fn poll(base: &str, key: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = call(base, "GET", &format!("/jobs/{id}"), key, None).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        if reply.body["result"].is_object() {
+            return reply.body["result"].clone();
+        }
+        assert!(Instant::now() < deadline, "job {id} not done: {reply:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sleeps until just after the next quota period starts.
+async fn next_period() {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let next = Duration::from_secs((now.as_secs() / QUOTA_PERIOD_SECS + 1) * QUOTA_PERIOD_SECS);
+    tokio::time::sleep(next - now + Duration::from_millis(100)).await;
+}
+
+/// The usage of the key `limited` (read with the admin key `ops`) once it counts `runs` runs:
+/// the worker records a run's usage just after its result.
+async fn settled(base: &str, ops: &str, runs: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = call(base, "GET", "/admin/usage/limited", ops, None).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        if reply.body["total"]["runs"] == runs {
+            return reply.body;
+        }
+        assert!(Instant::now() < deadline, "never {runs} runs: {reply:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The seconds of a reply's Retry-After.
+fn retry_after(reply: &Reply) -> u64 {
+    reply.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Through the replicas `bases` of an api whose key store `admin` manages (the admin command,
+/// on the same stores), running with [`QUOTA_PERIOD_SECS`]:
+/// - a key with `--max-concurrent 1` gets 429 `concurrency_limit` on any replica while its job
+///   is in flight, and is admitted again once it finishes;
+/// - a key with a CPU quota gets 429 `quota_exhausted` once its runs used it, until the next
+///   period;
+/// - its usage (runs by status, CPU, wall time) shows through the admin command and
+///   `GET /admin/usage/{name}`, which wants an admin key (401 without a key, 403 with another).
+pub async fn check_key_limits(bases: &[&str], admin: impl Fn(&[&str]) -> Value) {
+    let ops = admin(&["create", "--name", "ops", "--admin"]);
+    let ops = ops["key"].as_str().unwrap().to_owned();
+    let made = admin(&[
+        "create",
+        "--name",
+        "limited",
+        "--max-concurrent",
+        "1",
+        "--cpu-quota-secs",
+        "0.3",
+    ]);
+    let key = made["key"].as_str().unwrap().to_owned();
+    // An open service looks for keys again at most a second later.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let other = bases[bases.len() - 1];
+
+    // Concurrency: one job in flight, so the next one is refused, on any replica.
+    let slow = json!({ "code": "import time; time.sleep(1.5); print('slept')" });
+    let accepted = call(bases[0], "POST", "/jobs", &key, Some(&slow)).await;
+    assert_eq!(accepted.status, 202, "{accepted:?}");
+    let id = accepted.body["id"].as_str().unwrap().to_owned();
+    let pass = json!({ "code": "pass" });
+    for path in ["/jobs", "/run"] {
+        let refused = call(other, "POST", path, &key, Some(&pass)).await;
+        assert_eq!(refused.status, 429, "{path}: {refused:?}");
+        assert_eq!(refused.body["error"]["code"], "concurrency_limit");
+        assert_eq!(refused.body["error"]["limit"], "max_concurrent");
+        assert_eq!(retry_after(&refused), 1);
+    }
+    // Another key is not held by this one's limit.
+    let free = call(other, "POST", "/run", &ops, Some(&pass)).await;
+    assert_eq!(free.status, 200, "{free:?}");
+    assert_eq!(poll(bases[0], &key, &id).await["stdout"], "slept\n");
+    let sleep_cpu_ms = settled(other, &ops, 1).await["total"]["cpu_ms"]
+        .as_u64()
+        .unwrap();
+
+    // The CPU quota: a run that burns more than 0.3 s of CPU uses it up for the period.
+    next_period().await;
+    let burn = json!({
+        "code": "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\nprint('burnt')"
+    });
+    let burnt = call(other, "POST", "/run", &key, Some(&burn)).await;
+    assert_eq!(burnt.status, 200, "{burnt:?}");
+    assert_eq!(burnt.body["stdout"], "burnt\n", "{burnt:?}");
+    let cpu_ms = burnt.body["cpu_ms"].as_u64().unwrap();
+    assert!(cpu_ms >= 400, "{burnt:?}");
+    settled(other, &ops, 2).await;
+    let exhausted = call(bases[0], "POST", "/run", &key, Some(&pass)).await;
+    assert_eq!(exhausted.status, 429, "{exhausted:?}");
+    assert_eq!(exhausted.body["error"]["code"], "quota_exhausted");
+    assert_eq!(exhausted.body["error"]["limit"], "cpu_quota_secs");
+    let wait = retry_after(&exhausted);
+    assert!((1..=QUOTA_PERIOD_SECS).contains(&wait), "{exhausted:?}");
+
+    // Usage, through the admin endpoint and the admin command.
+    let path = "/admin/usage/limited";
+    let shown = call(other, "GET", path, &ops, None).await;
+    assert_eq!(shown.status, 200, "{shown:?}");
+    let usage = &shown.body;
+    assert_eq!(usage["name"], "limited");
+    assert_eq!(usage["in_flight"], 0, "{usage}");
+    assert_eq!(usage["total"]["by_status"]["success"], 2, "{usage}");
+    assert_eq!(usage["total"]["runs"], 2, "{usage}");
+    assert_eq!(usage["total"]["cpu_ms"], sleep_cpu_ms + cpu_ms, "{usage}");
+    assert!(usage["total"]["wall_ms"].as_u64().unwrap() >= 1500 + cpu_ms);
+    assert_eq!(usage["period"]["usage"]["cpu_ms"], cpu_ms, "{usage}");
+    assert_eq!(usage["period"]["cpu_quota_secs"], 0.3);
+    // The embedded api saves its ledger for the admin command every second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let listed = admin(&["usage", "limited"]);
+        if listed["total"] == usage["total"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{listed} != {usage}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let all = call(bases[0], "GET", "/admin/usage", &ops, None).await;
+    let names: Vec<_> = all
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("limited"), json!("ops")], "{all:?}");
+    let keys = call(bases[0], "GET", "/admin/keys", &ops, None).await;
+    assert_eq!(keys.body[1]["admin"], true, "{keys:?}");
+    assert!(
+        !keys.body.to_string().contains(&key),
+        "no key is shown: {keys:?}"
+    );
+    for (who, status, code) in [
+        (Some(key.as_str()), 403, "not_admin"),
+        (None, 401, "unauthorized"),
+    ] {
+        let reply = match who {
+            Some(key) => call(bases[0], "GET", path, key, None).await,
+            None => crate::http::get(&format!("{}{path}", bases[0])).await,
+        };
+        assert_eq!(reply.status, status, "{reply:?}");
+        assert_eq!(reply.body["error"]["code"], code, "{reply:?}");
+    }
+    let unknown = call(bases[0], "GET", "/admin/usage/nobody", &ops, None).await;
+    assert_eq!(unknown.status, 404, "{unknown:?}");
+    assert_eq!(unknown.body["error"]["code"], "key_not_found");
+
+    // The next period has a fresh quota.
+    tokio::time::sleep(Duration::from_millis(wait * 1000 + 200)).await;
+    let again = call(other, "POST", "/run", &key, Some(&pass)).await;
+    assert_eq!(again.status, 200, "the quota is reset: {again:?}");
+}
