@@ -3,6 +3,7 @@
 use std::future::Future;
 
 use pyrunner_shared::queue::{Publisher, QueueError};
+use pyrunner_shared::queue_registry::QueueRegistry;
 use pyrunner_shared::store::{RedisStore, StoreError};
 use pyrunner_worker::config::SetupError;
 use pyrunner_worker::runtime::RuntimeError;
@@ -67,8 +68,10 @@ impl Api {
         let (backend, work_root) = match (&config.amqp_url, &config.redis_url) {
             (Some(amqp), Some(redis)) => {
                 let publisher = Publisher::connect(amqp, &config.queue).await?;
+                let registry = QueueRegistry::new(redis, &config.queue.name)?;
                 let redis = RedisStore::new(redis, config.result_ttl(), config.max_sync_waiters)?;
-                (Backend::Fleet(FleetBackend::new(publisher, redis)), None)
+                let backend = FleetBackend::new(publisher, redis, registry);
+                (Backend::Fleet(backend), None)
             }
             (None, None) => {
                 let (executor, work_root) = config.executor.start().await?;

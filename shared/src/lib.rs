@@ -5,6 +5,7 @@
 //! - [`outcome`]: the result of a run, as the API returns it.
 //! - [`store`]: where job state and results live (Redis, or memory in embedded mode).
 //! - [`queue`]: the RabbitMQ contract (queue name, message format, publisher).
+//! - [`queue_registry`]: which callers have a queue of their own, for the workers to consume.
 //! - [`ledger`]: each API key's jobs in flight and usage, which its limits are held against.
 //! - [`runtime`]: what the Python runtime of a worker offers.
 //! - [`isolation`]: the isolation layers, and the report of which ones runs get.
@@ -18,6 +19,7 @@ pub mod ledger;
 pub mod limits;
 pub mod outcome;
 pub mod queue;
+pub mod queue_registry;
 pub mod runtime;
 pub mod service;
 pub mod store;

@@ -9,6 +9,11 @@
 //! lost") for it and rejects it into the dead-letter queue `<name>.dead`, where malformed
 //! messages also end. The broker itself dead-letters a message one delivery later, should that
 //! last worker die too. Past `max_length` waiting jobs the broker refuses new ones.
+//!
+//! Jobs of the open service go to the queue `<name>`; each API key's jobs go to a queue of its
+//! own, `<name>.key.<key name>`, declared alike, so that a caller that floods its queue does not
+//! hold back the others: every worker consumes every queue (they find the keys' queues through
+//! the [`queue_registry`](crate::queue_registry)) and runs the jobs it holds in fair turns.
 
 use lapin::message::Delivery;
 use lapin::options::{
@@ -79,6 +84,19 @@ impl QueueSettings {
         format!("{}.dead", self.name)
     }
 
+    /// The queue of the jobs of the API key named `caller`.
+    pub fn caller_queue(&self, caller: &str) -> String {
+        format!("{}.key.{caller}", self.name)
+    }
+
+    /// The queue `job` goes to: its caller's, or the shared one when the service runs open.
+    pub fn queue_of(&self, job: &Job) -> String {
+        match &job.caller {
+            Some(caller) => self.caller_queue(caller),
+            None => self.name.clone(),
+        }
+    }
+
     /// The job queue's arguments.
     fn arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
@@ -114,9 +132,14 @@ impl QueueSettings {
         args
     }
 
-    /// Declares the dead-letter queue and the job queue on `channel` (`passive`: only checks that
-    /// the job queue exists, and reads its counts).
-    async fn declare(&self, channel: &Channel, passive: bool) -> Result<lapin::Queue, QueueError> {
+    /// Declares the dead-letter queue and the job queue `queue` (the shared one, or a caller's)
+    /// on `channel` (`passive`: only checks that the job queue exists, and reads its counts).
+    async fn declare(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        passive: bool,
+    ) -> Result<lapin::Queue, QueueError> {
         if !passive {
             let mut dead = FieldTable::default();
             dead.insert(
@@ -125,7 +148,7 @@ impl QueueSettings {
             );
             declare(channel, &self.dead_letter_queue(), false, dead).await?;
         }
-        declare(channel, &self.name, passive, self.arguments()).await
+        declare(channel, queue, passive, self.arguments()).await
     }
 }
 
@@ -234,6 +257,8 @@ pub struct JobPublisher {
     connection: std::sync::Arc<Connection>,
     channel: Channel,
     settings: QueueSettings,
+    /// The callers' queues declared on this connection.
+    declared: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl JobPublisher {
@@ -248,16 +273,33 @@ impl JobPublisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(QueueError::OpenChannel)?;
-        settings.declare(&channel, false).await?;
+        settings.declare(&channel, &settings.name, false).await?;
         Ok(Self {
             connection: std::sync::Arc::new(connection),
             channel,
             settings: settings.clone(),
+            declared: Arc::default(),
         })
     }
 
-    /// Publishes one job; returns once the broker has it on disk.
+    /// Publishes one job to its queue, declared first if it is a caller's seen for the first
+    /// time; returns once the broker has the job on disk.
     pub async fn publish(&self, job: &Job) -> Result<(), QueueError> {
+        let queue = self.settings.queue_of(job);
+        let declared = |q: &String| {
+            self.declared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(q)
+        };
+        if queue != self.settings.name && !declared(&queue) {
+            // Published to a queue that does not exist, the job would be dropped.
+            self.settings.declare(&self.channel, &queue, false).await?;
+            self.declared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(queue.clone());
+        }
         let id = job.id.to_string();
         let props = BasicProperties::default()
             .with_delivery_mode(2)
@@ -271,7 +313,7 @@ impl JobPublisher {
             .channel
             .basic_publish(
                 "".into(),
-                self.settings.name.as_str().into(),
+                queue.as_str().into(),
                 BasicPublishOptions::default(),
                 &encode(job),
                 props,
@@ -299,7 +341,7 @@ impl JobPublisher {
         }
         Ok(self
             .settings
-            .declare(&self.channel, true)
+            .declare(&self.channel, &self.settings.name, true)
             .await?
             .consumer_count())
     }
@@ -419,11 +461,12 @@ async fn keep_connected(shared: Weak<Shared>) {
     }
 }
 
-/// Declares the queue and opens a channel consuming it, with `prefetch` unacknowledged messages
-/// at most.
+/// Declares the job queue `queue` (the shared one, or a caller's) and opens a channel consuming
+/// it, with `prefetch` unacknowledged messages at most.
 pub async fn consume(
     connection: &Connection,
     settings: &QueueSettings,
+    queue: &str,
     prefetch: u16,
     tag: &str,
 ) -> Result<(Channel, Consumer), QueueError> {
@@ -435,10 +478,10 @@ pub async fn consume(
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
         .map_err(QueueError::Consume)?;
-    settings.declare(&channel, false).await?;
+    settings.declare(&channel, queue, false).await?;
     let consumer = channel
         .basic_consume(
-            settings.name.as_str().into(),
+            queue.into(),
             tag.into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -508,6 +551,8 @@ mod tests {
             period: Some(crate::ledger::Period::at(100_000, 86_400)),
         };
         assert_eq!(decode(&encode(&job)).unwrap(), job);
+        let settings = QueueSettings::named("jobs");
+        assert_eq!(settings.queue_of(&job), "jobs.key.tutor");
         // A message without a caller (the service ran open, or an older api sent it).
         let open = Job {
             caller: None,
@@ -517,6 +562,7 @@ mod tests {
         let json = String::from_utf8(encode(&open)).unwrap();
         assert!(!json.contains("caller"), "{json}");
         assert_eq!(decode(json.as_bytes()).unwrap(), open);
+        assert_eq!(settings.queue_of(&open), "jobs");
         assert!(decode(b"{\"id\":1}").is_err());
     }
 }

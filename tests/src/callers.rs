@@ -1,6 +1,6 @@
 //! Checks of what each caller (API key) is held to and what it is shown, run against any api:
 //! concurrency, the CPU quota and its reset, usage through the admin command and the admin
-//! endpoints.
+//! endpoints, and fair turns between callers.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -183,4 +183,88 @@ pub async fn check_key_limits(bases: &[&str], admin: impl Fn(&[&str]) -> Value) 
     tokio::time::sleep(Duration::from_millis(wait * 1000 + 200)).await;
     let again = call(other, "POST", "/run", &key, Some(&pass)).await;
     assert_eq!(again.status, 200, "the quota is reset: {again:?}");
+}
+
+/// Jobs the flooding caller of [`check_fairness`] submits.
+pub const FLOOD_JOBS: usize = 1000;
+
+/// How long another caller's single run may take while [`FLOOD_JOBS`] jobs of 50 ms from one
+/// caller wait: it waits for at most one flood run per slot (50 ms), not for the backlog (25 s
+/// on two slots), and the rest is its own run and the service's overhead on a loaded host.
+pub const FAIRNESS_BOUND: Duration = Duration::from_secs(2);
+
+/// Through an api whose key store `admin` manages, with two run slots in all: a caller submits
+/// [`FLOOD_JOBS`] jobs of 50 ms, then another caller's `POST /run` answers within
+/// [`FAIRNESS_BOUND`], while most of the flood still waits. Returns the run's latency.
+pub async fn check_fairness(base: &str, admin: impl Fn(&[&str]) -> Value) -> Duration {
+    let flood = admin(&["create", "--name", "flood"])["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tutor = admin(&["create", "--name", "tutor"])["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let client = reqwest::Client::new();
+    let job = json!({ "code": "import time; time.sleep(0.05)" });
+    let submitted = Instant::now();
+    let mut submitters = tokio::task::JoinSet::new();
+    for part in 0..8 {
+        let (client, job) = (client.clone(), job.clone());
+        let (url, flood) = (format!("{base}/jobs"), flood.clone());
+        submitters.spawn(async move {
+            let mut ids = Vec::new();
+            for _ in (part..FLOOD_JOBS).step_by(8) {
+                let reply = client
+                    .post(&url)
+                    .header("x-api-key", &flood)
+                    .json(&job)
+                    .send()
+                    .await
+                    .expect("submitted");
+                assert_eq!(reply.status(), 202);
+                let body: Value = reply.json().await.unwrap();
+                ids.push(body["id"].as_str().unwrap().to_owned());
+            }
+            ids
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(part) = submitters.join_next().await {
+        ids.extend(part.unwrap());
+    }
+    assert_eq!(ids.len(), FLOOD_JOBS);
+    println!("{FLOOD_JOBS} jobs submitted in {:?}", submitted.elapsed());
+
+    let started = Instant::now();
+    let mine = call(
+        base,
+        "POST",
+        "/run",
+        &tutor,
+        Some(&json!({ "code": "print('mine')" })),
+    )
+    .await;
+    let latency = started.elapsed();
+    assert_eq!(mine.status, 200, "{mine:?}");
+    assert_eq!(mine.body["stdout"], "mine\n", "{mine:?}");
+    assert!(
+        latency <= FAIRNESS_BOUND,
+        "another caller's run took {latency:?} behind a flood of {FLOOD_JOBS} jobs"
+    );
+    // It went ahead of the backlog: most of the flood still waits.
+    let mut waiting = 0;
+    for id in ids.iter().rev().take(20) {
+        let view = call(base, "GET", &format!("/jobs/{id}"), &flood, None).await;
+        if view.body["status"] == "queued" {
+            waiting += 1;
+        }
+    }
+    assert!(
+        waiting >= 15,
+        "only {waiting} of the flood's last 20 jobs still wait"
+    );
+    latency
 }

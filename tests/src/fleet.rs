@@ -329,12 +329,22 @@ impl Fleet {
         std::fs::read_to_string(self.logs.path().join("api.log")).unwrap_or_default()
     }
 
-    /// Stops every process and deletes the fleet's queue.
+    /// Stops every process and deletes the fleet's queues (the callers' too).
     pub async fn stop(mut self) {
         self.kill();
+        let mut queues = vec![self.queue.clone(), format!("{}.dead", self.queue)];
+        // The test's own Redis, when it names one after the machine's.
+        let redis = self.env.iter().rfind(|(k, _)| k == "REDIS_URL");
+        if let Some((_, url)) = redis {
+            let registry = pyrunner_shared::queue_registry::QueueRegistry::new(url, &self.queue);
+            if let Ok(callers) = registry.unwrap().callers().await {
+                let settings = pyrunner_shared::queue::QueueSettings::named(&self.queue);
+                queues.extend(callers.iter().map(|c| settings.caller_queue(c)));
+            }
+        }
         if let Ok(conn) = pyrunner_shared::queue::connect(&amqp_url()).await {
             if let Ok(channel) = conn.create_channel().await {
-                for queue in [self.queue.clone(), format!("{}.dead", self.queue)] {
+                for queue in queues {
                     let _ = channel
                         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                         .await;

@@ -509,3 +509,14 @@ async fn a_key_s_concurrency_quota_and_usage() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_key_does_not_hold_back_another() {
+    let api = EmbeddedApi::start(&[]).await;
+    let file = api.keys_file.display().to_string();
+    let latency = pyrunner_tests::callers::check_fairness(&api.url, |args| {
+        pyrunner_tests::http::admin(args, &[("PYRUNNER_KEYS_FILE", file.as_str())])
+    })
+    .await;
+    println!("another key's run behind the flood: {latency:?}");
+}

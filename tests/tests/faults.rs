@@ -393,3 +393,17 @@ async fn a_key_s_limits_and_usage_hold_across_two_api_replicas() {
     .await;
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_key_does_not_hold_back_another_in_the_fleet() {
+    let redis = PrivateRedis::start();
+    let url = redis.url();
+    let env = [("PYRUNNER_CONCURRENCY", "2"), ("REDIS_URL", url.as_str())];
+    let fleet = Fleet::start(1, &env).await;
+    let latency = pyrunner_tests::callers::check_fairness(&fleet.url, |args| {
+        pyrunner_tests::http::admin(args, &[("REDIS_URL", url.as_str())])
+    })
+    .await;
+    println!("another key's run behind the flood: {latency:?}");
+    fleet.stop().await;
+}

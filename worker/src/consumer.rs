@@ -1,25 +1,33 @@
-//! The fleet worker's loop: consume jobs from RabbitMQ, run them, store results in Redis, and
-//! acknowledge each message only once its result is stored (at-least-once delivery).
+//! The fleet worker's loop: consume jobs from RabbitMQ (the shared queue and every caller's),
+//! run them in fair turns between callers, store results in Redis, and acknowledge each message
+//! only once its result is stored (at-least-once delivery).
 //!
 //! A job whose earlier deliveries all ended without an answer (their workers were lost mid-run)
 //! is not run again past the queue's `max_deliveries`: its result becomes `internal_error`
 //! ("worker lost") and the message goes to the dead-letter queue, as a malformed one does.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::stream::{BoxStream, SelectAll};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicRejectOptions};
 use pyrunner_shared::backoff::Backoff;
 use pyrunner_shared::queue::{self, QueueError, QueueSettings};
+use pyrunner_shared::queue_registry::QueueRegistry;
 use pyrunner_shared::store::{RedisStore, ResultStore};
 use pyrunner_shared::{JobId, RunResult};
 use thiserror::Error;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::in_flight::InFlight;
 use crate::runner::Runner;
+
+/// How often the worker lists the callers' queues, besides the announcements of new ones.
+const CALLERS_LISTED_EVERY: Duration = Duration::from_secs(5);
 
 /// The worker loop stopped for a reason other than shutdown.
 #[derive(Debug, Error)]
@@ -28,13 +36,15 @@ pub enum ConsumerError {
     Queue(#[from] QueueError),
 }
 
-/// Consumes jobs until `shutdown` completes, then finishes the runs in flight. A lost broker
+/// Consumes jobs until `shutdown` completes, then finishes the runs in flight: from the shared
+/// queue and from the queue of every caller in `registry`, as they appear. A lost broker
 /// connection is reopened with backoff; the runs in flight go on meanwhile (their messages went
 /// back to the queue with the connection, and the first result stored for a job is the one
 /// kept). Returns an error only for a queue declared with other arguments.
 pub async fn consume(
     amqp_url: &str,
     queue: &QueueSettings,
+    registry: QueueRegistry,
     runner: Runner,
     grace: Duration,
     shutdown: impl Future<Output = ()>,
@@ -43,21 +53,20 @@ pub async fn consume(
     let tag = format!("pyrunner-worker-{}", std::process::id());
     let mut in_flight = JoinSet::new();
     let held = InFlight::default();
-    let watcher = match &runner.store {
-        ResultStore::Redis(redis) => Some(tokio::spawn(watch_cancellations(
-            redis.clone(),
-            held.clone(),
-        ))),
-        ResultStore::Memory(_) => None,
-    };
+    let mut watchers = JoinSet::new();
+    if let ResultStore::Redis(redis) = &runner.store {
+        watchers.spawn(watch_cancellations(redis.clone(), held.clone()));
+    }
+    let (callers_found, mut found) = mpsc::channel(16);
+    watchers.spawn(watch_callers(registry.clone(), callers_found));
     let mut backoff = Backoff::reconnect();
     tokio::pin!(shutdown);
     let outcome = 'session: loop {
         let opened = tokio::select! {
-            opened = open(amqp_url, queue, prefetch, &tag) => opened,
+            opened = Session::open(amqp_url, queue, prefetch, &tag) => opened,
             _ = &mut shutdown => break Ok(()),
         };
-        let (connection, channel, mut consumer) = match opened {
+        let mut session = match opened {
             Ok(session) => session,
             Err(error @ QueueError::Mismatch { .. }) => break Err(error.into()),
             Err(error) => {
@@ -71,32 +80,47 @@ pub async fn consume(
         };
         backoff.reset();
         tracing::info!(queue = queue.name, prefetch, "consuming jobs");
-        let lost = loop {
+        // The callers' queues known now; those that come later are announced.
+        let mut lost = match registry.callers().await {
+            Ok(callers) => session.add_callers(callers, queue, prefetch, &tag).await,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the callers' queues yet");
+                None
+            }
+        };
+        while lost.is_none() {
             tokio::select! {
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => {
+                incoming = session.incoming.next() => match incoming {
+                    Some(Incoming::Delivery(Ok(delivery))) => {
                         let (runner, held) = (runner.clone(), held.clone());
                         let max_deliveries = queue.max_deliveries;
                         in_flight.spawn(async move {
                             handle(delivery, &runner, &held, max_deliveries).await
                         });
                     }
-                    Some(Err(error)) => break Some(error.to_string()),
-                    None => break Some("the broker cancelled the consumer".to_owned()),
+                    Some(Incoming::Delivery(Err(error))) => lost = Some(error.to_string()),
+                    Some(Incoming::Ended(Some(caller))) => {
+                        // Opened again when the registry next lists it.
+                        tracing::warn!(caller, "the broker cancelled a caller queue's consumer");
+                        session.consumed.remove(&caller);
+                    }
+                    Some(Incoming::Ended(None)) | None => {
+                        lost = Some("the broker cancelled the consumer".to_owned());
+                    }
                 },
+                Some(callers) = found.recv() => {
+                    lost = session.add_callers(callers, queue, prefetch, &tag).await;
+                }
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-                _ = &mut shutdown => break None,
+                _ = &mut shutdown => break,
             }
-        };
+        }
         let Some(reason) = lost else {
-            // No more deliveries; those not started yet go back with the channel, which stays
+            // No more deliveries; those not started yet go back with the channels, which stay
             // open until the runs in flight are acknowledged.
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+            session.cancel(&tag).await;
             finish(&mut in_flight, &held, grace).await;
-            let _ = channel.close(200, "worker stopping".into()).await;
-            let _ = connection.close(200, "worker stopping".into()).await;
+            session.close().await;
             break Ok(());
         };
         tracing::warn!(
@@ -107,10 +131,144 @@ pub async fn consume(
     };
     // Stopped while away from the broker: the runs' results are stored, their acks go nowhere.
     finish(&mut in_flight, &held, grace).await;
-    if let Some(watcher) = watcher {
-        watcher.abort();
-    }
+    watchers.abort_all();
     outcome
+}
+
+/// What a connection's consumers yield: a delivery, or the end of the consumer of a caller's
+/// queue (`None`: of the shared queue).
+// Every item but the last of a consumer is a delivery: boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Incoming {
+    Delivery(Result<Delivery, lapin::Error>),
+    Ended(Option<String>),
+}
+
+/// One broker connection and its consumers, the shared queue's and each caller's, merged.
+struct Session {
+    connection: lapin::Connection,
+    channels: Vec<lapin::Channel>,
+    /// The callers whose queues are consumed.
+    consumed: HashSet<String>,
+    incoming: SelectAll<BoxStream<'static, Incoming>>,
+}
+
+fn tagged(consumer: lapin::Consumer, caller: Option<String>) -> BoxStream<'static, Incoming> {
+    consumer
+        .map(Incoming::Delivery)
+        .chain(futures_util::stream::once(async move {
+            Incoming::Ended(caller)
+        }))
+        .boxed()
+}
+
+impl Session {
+    /// Connects and consumes the shared queue.
+    async fn open(
+        amqp_url: &str,
+        queue: &QueueSettings,
+        prefetch: u16,
+        tag: &str,
+    ) -> Result<Self, QueueError> {
+        let connection = queue::connect(amqp_url).await?;
+        let (channel, consumer) =
+            queue::consume(&connection, queue, &queue.name, prefetch, tag).await?;
+        let mut incoming = SelectAll::new();
+        incoming.push(tagged(consumer, None));
+        Ok(Self {
+            connection,
+            channels: vec![channel],
+            consumed: HashSet::new(),
+            incoming,
+        })
+    }
+
+    /// Consumes the queues of the `callers` not consumed yet, each on a channel of its own with
+    /// `prefetch` messages, so that every caller's jobs reach this worker's fair turns. Returns
+    /// why the connection is lost, if it is.
+    async fn add_callers(
+        &mut self,
+        callers: Vec<String>,
+        queue: &QueueSettings,
+        prefetch: u16,
+        tag: &str,
+    ) -> Option<String> {
+        for caller in callers {
+            if self.consumed.contains(&caller) {
+                continue;
+            }
+            let name = queue.caller_queue(&caller);
+            match queue::consume(&self.connection, queue, &name, prefetch, tag).await {
+                Ok((channel, consumer)) => {
+                    tracing::info!(queue = name, "consuming a caller's jobs");
+                    self.channels.push(channel);
+                    self.incoming.push(tagged(consumer, Some(caller.clone())));
+                    self.consumed.insert(caller);
+                }
+                Err(error) if !self.connection.status().connected() => {
+                    return Some(error.to_string());
+                }
+                // Tried again when the registry next lists it.
+                Err(error) => {
+                    tracing::warn!(queue = name, %error, "cannot consume a caller's queue")
+                }
+            }
+        }
+        None
+    }
+
+    /// Stops every consumer: no more deliveries.
+    async fn cancel(&self, tag: &str) {
+        for channel in &self.channels {
+            let _ = channel
+                .basic_cancel(tag.into(), BasicCancelOptions::default())
+                .await;
+        }
+    }
+
+    async fn close(self) {
+        for channel in &self.channels {
+            let _ = channel.close(200, "worker stopping".into()).await;
+        }
+        let _ = self.connection.close(200, "worker stopping".into()).await;
+    }
+}
+
+/// Passes on the callers whose queues the worker must consume: each one announced, at once, and
+/// every registered one every few seconds (which covers an announcement missed while the
+/// subscription was down).
+async fn watch_callers(registry: QueueRegistry, found: mpsc::Sender<Vec<String>>) {
+    let mut backoff = Backoff::reconnect();
+    let mut every = tokio::time::interval(CALLERS_LISTED_EVERY);
+    loop {
+        let announced = match registry.announcements().await {
+            Ok(announced) => announced,
+            Err(error) => {
+                let wait = backoff.next_wait();
+                tracing::warn!(%error, ?wait, "cannot subscribe to the callers' queues yet");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        tokio::pin!(announced);
+        loop {
+            let callers = tokio::select! {
+                caller = announced.next() => match caller {
+                    Some(caller) => vec![caller],
+                    None => break,
+                },
+                _ = every.tick() => match registry.callers().await {
+                    Ok(callers) => callers,
+                    Err(_) => continue,
+                },
+            };
+            if found.send(callers).await.is_err() {
+                return;
+            }
+        }
+        tracing::warn!("the callers' subscription ended; renewing it");
+    }
 }
 
 /// Stops the runs of the jobs cancelled through the store, for as long as the worker consumes;
@@ -137,18 +295,6 @@ async fn watch_cancellations(redis: RedisStore, held: InFlight) {
             }
         }
     }
-}
-
-/// Opens a connection and a consuming channel.
-async fn open(
-    amqp_url: &str,
-    queue: &QueueSettings,
-    prefetch: u16,
-    tag: &str,
-) -> Result<(lapin::Connection, lapin::Channel, lapin::Consumer), QueueError> {
-    let connection = queue::connect(amqp_url).await?;
-    let (channel, consumer) = queue::consume(&connection, queue, prefetch, tag).await?;
-    Ok((connection, channel, consumer))
 }
 
 /// Lets the jobs in flight finish within `grace`; past it, stops their runs and requeues them.

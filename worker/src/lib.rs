@@ -9,6 +9,7 @@
 //! - [`slots`]: how many runs go at once, and which uid each gets.
 //! - [`reaper`]: reaping the processes runs leave behind.
 //! - [`runtime`]: the Python runtime and its start-up probe.
+//! - [`fair`]: fair turns at the run slots between callers.
 //! - [`runner`]: one job from its turn to its stored result and settled usage.
 //! - [`consumer`]: the RabbitMQ consumer loop of a fleet worker.
 //! - [`in_flight`]: the jobs held, each stoppable by its id (cancellation, shutdown).
@@ -18,6 +19,7 @@ pub mod classify;
 pub mod config;
 pub mod consumer;
 pub mod executor;
+pub mod fair;
 pub mod in_flight;
 pub mod reaper;
 pub mod runner;

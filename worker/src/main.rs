@@ -1,6 +1,7 @@
 use anyhow::Context;
 use clap::Parser;
 use pyrunner_shared::ledger::Ledger;
+use pyrunner_shared::queue_registry::QueueRegistry;
 use pyrunner_shared::service::{init_logging, shutdown_signal};
 use pyrunner_shared::store::{RedisStore, ResultStore};
 use pyrunner_worker::config::WorkerConfig;
@@ -44,14 +45,15 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             }
         }
     });
-    let runner = Runner {
+    let runner = Runner::new(
         executor,
-        store: ResultStore::Redis(redis),
-        ledger: Ledger::redis(&config.redis_url)?,
-    };
+        ResultStore::Redis(redis),
+        Ledger::redis(&config.redis_url)?,
+    );
     pyrunner_worker::consumer::consume(
         &config.amqp_url,
         &config.queue,
+        QueueRegistry::new(&config.redis_url, &config.queue.name)?,
         runner,
         config.shutdown_grace(),
         shutdown_signal(),

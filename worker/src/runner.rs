@@ -10,6 +10,7 @@ use pyrunner_shared::store::{ResultStore, StoreError};
 use pyrunner_shared::{Job, RunResult};
 
 use crate::executor::Executor;
+use crate::fair::FairTurns;
 use crate::in_flight::Control;
 
 /// How long a finished run's result is retried while the store is away, before its job is
@@ -26,10 +27,22 @@ pub struct Runner {
     pub executor: Executor,
     pub store: ResultStore,
     pub ledger: Ledger,
+    turns: FairTurns,
 }
 
 impl Runner {
-    /// Runs one job: waits for a slot, marks the job running, runs it, stores the result and
+    /// Runs jobs with `executor`, in fair turns between callers, storing results in `store`
+    /// and usage in `ledger`. Needs a tokio runtime.
+    pub fn new(executor: Executor, store: ResultStore, ledger: Ledger) -> Self {
+        Self {
+            turns: FairTurns::new(executor.clone()),
+            executor,
+            store,
+            ledger,
+        }
+    }
+
+    /// Runs one job: waits for its caller's turn at a slot, marks the job running, runs it, stores the result and
     /// settles the caller's ledger. Returns the result whether or not it was the first one
     /// stored for the id, or `None` when `control` stopped the job for it to go back to the
     /// queue (nothing is stored then).
@@ -40,7 +53,7 @@ impl Runner {
     ) -> Result<Option<RunResult>, StoreError> {
         let (executor, store) = (&self.executor, &self.store);
         let result = tokio::select! {
-            reservation = executor.reserve() => {
+            reservation = self.turns.reserve(job.caller.as_deref()) => {
                 tracing::info!(job = %job.id, "run started");
                 // The state is written while the run goes on, and before the result. A job that
                 // already has a result was cancelled while it waited: its run stops at once.

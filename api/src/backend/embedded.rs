@@ -47,11 +47,7 @@ impl EmbeddedBackend {
         });
         Self {
             max_held,
-            runner: Runner {
-                executor,
-                store: ResultStore::Memory(MemoryStore::new(ttl)),
-                ledger,
-            },
+            runner: Runner::new(executor, ResultStore::Memory(MemoryStore::new(ttl)), ledger),
             runtime,
             held: InFlight::default(),
         }

@@ -1,8 +1,9 @@
 //! Fleet mode: jobs go to RabbitMQ, results come back through Redis.
 
 use pyrunner_shared::queue::{Publisher, QueueError};
+use pyrunner_shared::queue_registry::QueueRegistry;
 use pyrunner_shared::runtime::RuntimeInfo;
-use pyrunner_shared::store::{RedisStore, ResultStore};
+use pyrunner_shared::store::{RedisStore, ResultStore, StoreError};
 use pyrunner_shared::Job;
 
 /// The fleet backend.
@@ -11,16 +12,24 @@ pub struct FleetBackend {
     publisher: Publisher,
     redis: RedisStore,
     store: ResultStore,
+    registry: QueueRegistry,
 }
 
 impl FleetBackend {
-    /// Publishes with `publisher` and reads results from `redis`.
-    pub fn new(publisher: Publisher, redis: RedisStore) -> Self {
+    /// Publishes with `publisher` (keyed jobs to their key's queue, which `registry` makes
+    /// known to the workers) and reads results from `redis`.
+    pub fn new(publisher: Publisher, redis: RedisStore, registry: QueueRegistry) -> Self {
         Self {
             publisher,
             store: ResultStore::Redis(redis.clone()),
             redis,
+            registry,
         }
+    }
+
+    /// Makes sure the workers consume the queue of the API key `caller`.
+    pub(super) async fn register(&self, caller: &str) -> Result<(), StoreError> {
+        self.registry.register(caller).await
     }
 
     pub(super) fn store(&self) -> &ResultStore {

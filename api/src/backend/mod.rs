@@ -67,6 +67,9 @@ impl Backend {
             // Both at once, to save a round trip: the queued state is written only if no worker
             // has written a later one.
             Backend::Fleet(b) => {
+                if let Some(caller) = &job.caller {
+                    b.register(caller).await?;
+                }
                 let (queued, published) =
                     tokio::join!(self.store().mark_queued(job.id), b.publish(&job));
                 queued?;

@@ -282,9 +282,10 @@ async fn profile(requests: usize) -> Vec<(&'static str, f64)> {
     let connection = pyrunner_shared::queue::connect(&pyrunner_tests::fleet::amqp_url())
         .await
         .unwrap();
-    let (channel, consumer) = pyrunner_shared::queue::consume(&connection, &queue, 1, "bench")
-        .await
-        .unwrap();
+    let (channel, consumer) =
+        pyrunner_shared::queue::consume(&connection, &queue, &queue.name, 1, "bench")
+            .await
+            .unwrap();
     let consumer = tokio::sync::Mutex::new(consumer);
     let job = pyrunner_tests::job("pass", None, pyrunner_tests::limits(None, None));
     parts.push((
