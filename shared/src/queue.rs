@@ -309,23 +309,44 @@ impl JobPublisher {
             id: id.clone(),
             source,
         };
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &encode(job),
-                props,
-            )
-            .await
-            .map_err(publish_err)?
-            .await
-            .map_err(publish_err)?;
-        if confirm.is_ack() {
-            Ok(())
-        } else {
-            Err(QueueError::Refused { id })
+        let body = encode(job);
+        let mut wait = Duration::from_millis(20);
+        let give_up = std::time::Instant::now() + REFUSED_RETRY_WINDOW;
+        loop {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props.clone(),
+                )
+                .await
+                .map_err(publish_err)?
+                .await
+                .map_err(publish_err)?;
+            if confirm.is_ack() {
+                return Ok(());
+            }
+            // Refused: because the queue is full, or, for a quorum queue declared a moment ago
+            // on a loaded broker, because it is not ready yet; only the second passes.
+            let depth = self
+                .settings
+                .declare(&self.channel, &queue, true)
+                .await?
+                .message_count();
+            let full = self.settings.max_length > 0 && depth + 1 >= self.settings.max_length;
+            if full || std::time::Instant::now() + wait > give_up {
+                return Err(QueueError::Refused { id });
+            }
+            tracing::warn!(
+                queue,
+                depth,
+                "the broker refused a job below the queue's bound; retrying"
+            );
+            tokio::time::sleep(wait).await;
+            wait *= 2;
         }
     }
 
@@ -346,6 +367,9 @@ impl JobPublisher {
             .consumer_count())
     }
 }
+
+/// How long a job the broker refuses while its queue is below its bound is published again.
+const REFUSED_RETRY_WINDOW: Duration = Duration::from_secs(2);
 
 /// Longest wait for the broker's confirm of a publish, or its answer to a declare.
 const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
