@@ -359,7 +359,7 @@ async fn handle(delivery: Delivery, runner: &Runner, held: &InFlight, max_delive
         );
         match runner.store_result(&result).await {
             Ok(_) => {
-                runner.settle(&job, &result).await;
+                runner.settle(&job, &result, true).await;
                 dead_letter(&delivery).await;
             }
             Err(error) => {

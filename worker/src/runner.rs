@@ -52,25 +52,33 @@ impl Runner {
         control: &Control,
     ) -> Result<Option<RunResult>, StoreError> {
         let (executor, store) = (&self.executor, &self.store);
-        let result = tokio::select! {
+        // Whether the job ran: not when it had an answer before its turn (it was cancelled while
+        // it waited, or this is a second delivery of a job answered already).
+        let (result, ran) = tokio::select! {
             reservation = self.turns.reserve(job.caller.as_deref()) => {
                 tracing::info!(job = %job.id, "run started");
                 // The state is written while the run goes on, and before the result. A job that
-                // already has a result was cancelled while it waited: its run stops at once.
+                // already has a result stops at once.
                 let marking = async {
                     match store.mark_running(job.id).await {
-                        Ok(true) => control.token.cancel(),
-                        Ok(false) => {}
-                        Err(error) => tracing::warn!(job = %job.id, %error, "cannot mark job running"),
+                        Ok(true) => {
+                            control.token.cancel();
+                            false
+                        }
+                        Ok(false) => true,
+                        Err(error) => {
+                            tracing::warn!(job = %job.id, %error, "cannot mark job running");
+                            true
+                        }
                     }
                 };
-                let ((), result) = tokio::join!(
+                let (ran, result) = tokio::join!(
                     marking,
                     executor.run_until(reservation, job, &control.token)
                 );
-                result
+                (result, ran)
             }
-            _ = control.token.cancelled() => RunResult::cancelled(job.id),
+            _ = control.token.cancelled() => (RunResult::cancelled(job.id), false),
         };
         if control.requeued() {
             return Ok(None);
@@ -78,7 +86,7 @@ impl Runner {
         if !self.store_result(&result).await? {
             tracing::info!(job = %job.id, "a result was already stored; keeping the first");
         }
-        self.settle(job, &result).await;
+        self.settle(job, &result, ran).await;
         tracing::info!(
             job = %job.id,
             key = %job.caller.as_deref().unwrap_or("-"),
@@ -108,12 +116,19 @@ impl Runner {
         }
     }
 
-    /// Releases a keyed job's place among its caller's jobs in flight and records what its run
-    /// used; retried for a while if the ledger is away.
-    pub async fn settle(&self, job: &Job, result: &RunResult) {
+    /// Releases a keyed job's place among its caller's jobs in flight and, if the job `ran` (or
+    /// ended without running, as a job whose workers were lost), records what it used: each
+    /// job counts once. Retried for a while if the ledger is away.
+    pub async fn settle(&self, job: &Job, result: &RunResult, ran: bool) {
         let Some(caller) = &job.caller else {
             return;
         };
+        if !ran {
+            if let Err(error) = self.ledger.release(caller, job.id).await {
+                tracing::warn!(job = %job.id, key = %caller, %error, "cannot release the job's place; it lapses by itself");
+            }
+            return;
+        }
         let run = FinishedRun {
             job: job.id,
             status: result.status,
