@@ -207,17 +207,32 @@ async fn submit_job(
         .into_response())
 }
 
-/// The job id of a path; one that is not an id names no job.
-fn job_id(id: &str) -> Result<JobId, ApiError> {
-    id.parse().map_err(|_| ApiError::job_not_found(id))
+/// The job id of a path, for `caller`: a path that is not an id names no job, and a key sees
+/// only its own jobs (an admin key sees all, and every key those accepted while the service ran
+/// open), so another key's job is not found either.
+async fn job_id(state: &AppState, caller: &Caller, id: &str) -> Result<JobId, ApiError> {
+    let job_id = id.parse().map_err(|_| ApiError::job_not_found(id))?;
+    let Some(record) = caller.0.as_ref().filter(|record| !record.admin) else {
+        return Ok(job_id);
+    };
+    let owner = state
+        .backend()
+        .owner(job_id)
+        .await
+        .map_err(|e| ApiError::unavailable("cannot read the job", e))?;
+    match owner {
+        Some(owner) if owner != record.name => Err(ApiError::job_not_found(id)),
+        _ => Ok(job_id),
+    }
 }
 
 /// `GET /jobs/{id}`: the job's state, and its result once done.
 async fn get_job(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job_id = job_id(&id)?;
+    let job_id = job_id(&state, &caller, &id).await?;
     match state.backend().view(job_id).await {
         Ok(Some(view)) => Ok(Json(view).into_response()),
         Ok(None) => Err(ApiError::job_not_found(&id)),
@@ -228,9 +243,10 @@ async fn get_job(
 /// `DELETE /jobs/{id}`: cancels a queued or running job; its result says `cancelled`.
 async fn cancel_job(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job_id = job_id(&id)?;
+    let job_id = job_id(&state, &caller, &id).await?;
     match state.backend().cancel(job_id).await {
         Ok(Cancelled::Now) => {
             tracing::info!(job = %job_id, "job cancelled");

@@ -46,16 +46,28 @@ pub enum ResultStore {
 }
 
 impl ResultStore {
-    /// Records that a job was accepted and is waiting in the queue.
-    pub async fn mark_queued(&self, id: JobId) -> Result<(), StoreError> {
+    /// Records that a job was accepted and is waiting in the queue, and the name of the API key
+    /// that owns it (none when the service runs open).
+    pub async fn mark_queued(&self, id: JobId, owner: Option<&str>) -> Result<(), StoreError> {
         match self {
             // Only if the job has no state yet: a worker that got the job first has already
             // said it is running (the api records and publishes at the same time).
-            ResultStore::Redis(s) => s.set_first_state(id, JobState::Queued).await,
+            ResultStore::Redis(s) => s.mark_queued(id, owner).await,
             ResultStore::Memory(s) => {
                 s.set_state(id, JobState::Queued);
+                if let Some(owner) = owner {
+                    s.with_entry(id, true, |e| e.owner = Some(owner.to_owned()));
+                }
                 Ok(())
             }
+        }
+    }
+
+    /// The name of the API key that owns the job, if it has one and is known.
+    pub async fn owner(&self, id: JobId) -> Result<Option<String>, StoreError> {
+        match self {
+            ResultStore::Redis(s) => s.owner(id).await,
+            ResultStore::Memory(s) => Ok(s.with_entry(id, false, |e| e.owner.clone()).flatten()),
         }
     }
 
@@ -118,7 +130,8 @@ const INLINE_RESULT_MAX_BYTES: usize = 64 * 1024;
 
 /// Stores a result if none is stored yet (first writer wins), marks the job done, and wakes its
 /// waiters with the stored result (or a marker when it is large): a redelivered job's waiter
-/// always gets the first result. Returns 1 if this call stored the result.
+/// always gets the first result; the job's owner, if any, lives as long as its result. Returns 1
+/// if this call stored the result.
 const PUT_RESULT: &str = r#"
 local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 redis.call('SET', KEYS[2], 'done', 'EX', ARGV[2])
@@ -128,6 +141,7 @@ if not result or string.len(result) > tonumber(ARGV[3]) then
 end
 redis.call('RPUSH', KEYS[3], result)
 redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('EXPIRE', KEYS[4], ARGV[2])
 if stored then return 1 else return 0 end
 "#;
 
@@ -144,6 +158,9 @@ mod keys {
     }
     pub fn done(id: JobId) -> String {
         format!("pyrunner:job:{{{id}}}:done")
+    }
+    pub fn owner(id: JobId) -> String {
+        format!("pyrunner:job:{{{id}}}:owner")
     }
     pub const RUNTIME: &str = "pyrunner:runtime";
     /// The channel on which the api tells the workers which job to stop.
@@ -182,17 +199,26 @@ impl RedisStore {
         })
     }
 
-    async fn set_first_state(&self, id: JobId, state: JobState) -> Result<(), StoreError> {
+    async fn mark_queued(&self, id: JobId, owner: Option<&str>) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
-        let _: Option<String> = redis::cmd("SET")
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
             .arg(keys::state(id))
-            .arg(state.as_str())
+            .arg(JobState::Queued.as_str())
             .arg("NX")
             .arg("EX")
             .arg(self.ttl_secs)
-            .query_async(&mut *conn)
-            .await?;
+            .ignore();
+        if let Some(owner) = owner {
+            pipe.set_ex(keys::owner(id), owner, self.ttl_secs).ignore();
+        }
+        pipe.query_async::<()>(&mut *conn).await?;
         Ok(())
+    }
+
+    async fn owner(&self, id: JobId) -> Result<Option<String>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        Ok(conn.get(keys::owner(id)).await?)
     }
 
     async fn mark_running(&self, id: JobId) -> Result<bool, StoreError> {
@@ -238,6 +264,7 @@ impl RedisStore {
             .key(keys::result(id))
             .key(keys::state(id))
             .key(keys::done(id))
+            .key(keys::owner(id))
             .arg(json)
             .arg(self.ttl_secs)
             .arg(INLINE_RESULT_MAX_BYTES)
@@ -341,6 +368,8 @@ struct MemoryInner {
 
 struct Entry {
     state: JobState,
+    /// The API key that owns the job.
+    owner: Option<String>,
     result: Option<RunResult>,
     expires_at: Instant,
     done: Arc<Notify>,
@@ -378,6 +407,7 @@ impl MemoryStore {
         let entry = if create {
             inner.entries.entry(id).or_insert_with(|| Entry {
                 state: JobState::Queued,
+                owner: None,
                 result: None,
                 expires_at: now,
                 done: Arc::new(Notify::new()),

@@ -195,7 +195,8 @@ pub const FAIRNESS_BOUND: Duration = Duration::from_secs(2);
 
 /// Through an api whose key store `admin` manages, with two run slots in all: a caller submits
 /// [`FLOOD_JOBS`] jobs of 50 ms, then another caller's `POST /run` answers within
-/// [`FAIRNESS_BOUND`], while most of the flood still waits. Returns the run's latency.
+/// [`FAIRNESS_BOUND`], while most of the flood still waits; and neither key sees the other's
+/// jobs. Returns the run's latency.
 pub async fn check_fairness(base: &str, admin: impl Fn(&[&str]) -> Value) -> Duration {
     let flood = admin(&["create", "--name", "flood"])["key"]
         .as_str()
@@ -266,5 +267,14 @@ pub async fn check_fairness(base: &str, admin: impl Fn(&[&str]) -> Value) -> Dur
         waiting >= 15,
         "only {waiting} of the flood's last 20 jobs still wait"
     );
+    // A key sees and cancels only its own jobs: another key's are not found.
+    let theirs = format!("/jobs/{}", ids[0]);
+    for method in ["GET", "DELETE"] {
+        let reply = call(base, method, &theirs, &tutor, None).await;
+        assert_eq!(reply.status, 404, "{method} {theirs}: {reply:?}");
+        assert_eq!(reply.body["error"]["code"], "job_not_found");
+    }
+    let own = call(base, "GET", &theirs, &flood, None).await;
+    assert_eq!(own.status, 200, "{own:?}");
     latency
 }

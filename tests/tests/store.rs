@@ -1,6 +1,7 @@
 //! The Redis result store on a real Redis: the first result written for a job is the one every
 //! waiter and every reader gets, whether it comes with the wake-up (small) or is read after it
-//! (large), and a waiter that starts after the result still gets it at once.
+//! (large), and a waiter that starts after the result still gets it at once; a job's owner lasts
+//! as long as its result.
 
 use std::time::{Duration, Instant};
 
@@ -74,4 +75,30 @@ async fn a_wait_without_a_result_times_out_empty() {
         .unwrap();
     assert!(none.is_none());
     assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+#[tokio::test]
+async fn a_job_s_owner_lives_as_long_as_its_result() {
+    let short = |ttl| {
+        ResultStore::Redis(RedisStore::new(&pyrunner_tests::fleet::redis_url(), ttl, 1).unwrap())
+    };
+    let (owned, open) = (JobId::new(), JobId::new());
+    let queued = short(Duration::from_secs(2));
+    queued.mark_queued(owned, Some("tutor")).await.unwrap();
+    queued.mark_queued(open, None).await.unwrap();
+    assert_eq!(queued.owner(owned).await.unwrap().as_deref(), Some("tutor"));
+    assert_eq!(queued.owner(open).await.unwrap(), None);
+    // A result stored later, with a longer TTL, keeps its owner as long as itself.
+    let finished = short(Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    finished
+        .put_result(&result(owned, "done".into()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(finished.view(owned).await.unwrap().is_some());
+    assert_eq!(
+        finished.owner(owned).await.unwrap().as_deref(),
+        Some("tutor")
+    );
 }

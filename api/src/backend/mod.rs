@@ -63,6 +63,8 @@ impl Backend {
 
     /// Accepts a job: records it as queued and hands it to the workers.
     pub async fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let owner = job.caller.clone();
+        let owner = owner.as_deref();
         match self {
             // Both at once, to save a round trip: the queued state is written only if no worker
             // has written a later one.
@@ -71,7 +73,7 @@ impl Backend {
                     b.register(caller).await?;
                 }
                 let (queued, published) =
-                    tokio::join!(self.store().mark_queued(job.id), b.publish(&job));
+                    tokio::join!(self.store().mark_queued(job.id, owner), b.publish(&job));
                 queued?;
                 published?;
             }
@@ -79,7 +81,7 @@ impl Backend {
                 if b.is_full() {
                     return Err(SubmitError::Full);
                 }
-                self.store().mark_queued(job.id).await?;
+                self.store().mark_queued(job.id, owner).await?;
                 b.enqueue(job);
             }
         }
@@ -93,6 +95,11 @@ impl Backend {
         timeout: Duration,
     ) -> Result<Option<RunResult>, StoreError> {
         self.store().wait_result(id, timeout).await
+    }
+
+    /// The name of the API key that owns job `id`, if it has one.
+    pub async fn owner(&self, id: JobId) -> Result<Option<String>, StoreError> {
+        self.store().owner(id).await
     }
 
     /// The job's state and result.
