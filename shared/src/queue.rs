@@ -286,19 +286,9 @@ impl JobPublisher {
     /// time; returns once the broker has the job on disk.
     pub async fn publish(&self, job: &Job) -> Result<(), QueueError> {
         let queue = self.settings.queue_of(job);
-        let declared = |q: &String| {
-            self.declared
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .contains(q)
-        };
-        if queue != self.settings.name && !declared(&queue) {
+        if let Some(caller) = &job.caller {
             // Published to a queue that does not exist, the job would be dropped.
-            self.settings.declare(&self.channel, &queue, false).await?;
-            self.declared
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(queue.clone());
+            self.declare_caller(caller).await?;
         }
         let id = job.id.to_string();
         let props = BasicProperties::default()
@@ -348,6 +338,25 @@ impl JobPublisher {
             tokio::time::sleep(wait).await;
             wait *= 2;
         }
+    }
+
+    /// Declares the queue of the API key `caller`, unless it was on this connection.
+    pub async fn declare_caller(&self, caller: &str) -> Result<(), QueueError> {
+        let queue = self.settings.caller_queue(caller);
+        let declared = |q: &String| {
+            self.declared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(q)
+        };
+        if !declared(&queue) {
+            self.settings.declare(&self.channel, &queue, false).await?;
+            self.declared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(queue);
+        }
+        Ok(())
     }
 
     /// Whether its connection and channel are open.
@@ -432,6 +441,14 @@ impl Publisher {
     pub async fn publish(&self, job: &Job) -> Result<(), QueueError> {
         let publisher = self.connected()?;
         tokio::time::timeout(BROKER_ANSWER_TIMEOUT, publisher.publish(job))
+            .await
+            .unwrap_or(Err(QueueError::Timeout(BROKER_ANSWER_TIMEOUT)))
+    }
+
+    /// Declares the queue of the API key `caller` (once per connection).
+    pub async fn declare_caller(&self, caller: &str) -> Result<(), QueueError> {
+        let publisher = self.connected()?;
+        tokio::time::timeout(BROKER_ANSWER_TIMEOUT, publisher.declare_caller(caller))
             .await
             .unwrap_or(Err(QueueError::Timeout(BROKER_ANSWER_TIMEOUT)))
     }

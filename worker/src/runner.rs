@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use pyrunner_shared::backoff::Backoff;
 use pyrunner_shared::ledger::{FinishedRun, Ledger};
 use pyrunner_shared::store::{ResultStore, StoreError};
-use pyrunner_shared::{Job, RunResult};
+use pyrunner_shared::{Job, RunResult, RunStatus};
 
 use crate::executor::Executor;
 use crate::fair::FairTurns;
@@ -83,10 +83,14 @@ impl Runner {
         if control.requeued() {
             return Ok(None);
         }
-        if !self.store_result(&result).await? {
+        let first = self.store_result(&result).await?;
+        if !first {
             tracing::info!(job = %job.id, "a result was already stored; keeping the first");
         }
-        self.settle(job, &result, ran).await;
+        // Counted once: the run whose result was kept, or one cancelled while it ran (the api
+        // stored the cancellation, and the run used what it used).
+        let counted = ran && (first || result.status == RunStatus::Cancelled);
+        self.settle(job, &result, counted).await;
         tracing::info!(
             job = %job.id,
             key = %job.caller.as_deref().unwrap_or("-"),
@@ -116,14 +120,14 @@ impl Runner {
         }
     }
 
-    /// Releases a keyed job's place among its caller's jobs in flight and, if the job `ran` (or
-    /// ended without running, as a job whose workers were lost), records what it used: each
-    /// job counts once. Retried for a while if the ledger is away.
-    pub async fn settle(&self, job: &Job, result: &RunResult, ran: bool) {
+    /// Releases a keyed job's place among its caller's jobs in flight and, if `counted`,
+    /// records what its run used (each job counts once: not a second delivery of a job, nor a
+    /// job cancelled before it ran). Retried for a while if the ledger is away.
+    pub async fn settle(&self, job: &Job, result: &RunResult, counted: bool) {
         let Some(caller) = &job.caller else {
             return;
         };
-        if !ran {
+        if !counted {
             if let Err(error) = self.ledger.release(caller, job.id).await {
                 tracing::warn!(job = %job.id, key = %caller, %error, "cannot release the job's place; it lapses by itself");
             }

@@ -3,8 +3,10 @@
 use pyrunner_shared::queue::{Publisher, QueueError};
 use pyrunner_shared::queue_registry::QueueRegistry;
 use pyrunner_shared::runtime::RuntimeInfo;
-use pyrunner_shared::store::{RedisStore, ResultStore, StoreError};
+use pyrunner_shared::store::{RedisStore, ResultStore};
 use pyrunner_shared::Job;
+
+use super::SubmitError;
 
 /// The fleet backend.
 #[derive(Clone)]
@@ -27,9 +29,13 @@ impl FleetBackend {
         }
     }
 
-    /// Makes sure the workers consume the queue of the API key `caller`.
-    pub(super) async fn register(&self, caller: &str) -> Result<(), StoreError> {
-        self.registry.register(caller).await
+    /// Makes sure the queue of the API key `caller` exists and the workers consume it. The
+    /// queue is declared before the workers hear of it: RabbitMQ 3.10 may fail a consumer of a
+    /// quorum queue still being declared on another connection (and close that connection).
+    pub(super) async fn prepare_caller(&self, caller: &str) -> Result<(), SubmitError> {
+        self.publisher.declare_caller(caller).await?;
+        self.registry.register(caller).await?;
+        Ok(())
     }
 
     pub(super) fn store(&self) -> &ResultStore {

@@ -70,7 +70,7 @@ impl Backend {
             // has written a later one.
             Backend::Fleet(b) => {
                 if let Some(caller) = &job.caller {
-                    b.register(caller).await?;
+                    b.prepare_caller(caller).await?;
                 }
                 let (queued, published) =
                     tokio::join!(self.store().mark_queued(job.id, owner), b.publish(&job));
