@@ -113,8 +113,8 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS,
                 "concurrency_limit",
                 format!(
-                    "the API key {name:?} has {limit} jobs queued or running, its max_concurrent; \
-                     wait for one to finish"
+                    "the API key {name:?} already has its max_concurrent of {limit} jobs queued \
+                     or running; wait for one to finish"
                 ),
             )
         }
