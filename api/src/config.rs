@@ -119,15 +119,16 @@ impl ApiConfig {
         self.keys_file().with_file_name("usage.json")
     }
 
-    /// The ledger of the keys' jobs in flight and usage: Redis in fleet mode, else memory saved
-    /// to the usage file.
+    /// The ledger of the keys' jobs in flight and usage, beside the `keys`: in their Redis
+    /// (through the same pool) in fleet mode, else in memory saved to the usage file.
     pub fn ledger(
         &self,
+        keys: &crate::keys::KeyStore,
     ) -> Result<pyrunner_shared::ledger::Ledger, pyrunner_shared::ledger::LedgerError> {
         use pyrunner_shared::ledger::Ledger;
-        match &self.redis_url {
-            Some(url) => Ledger::redis(url),
-            None => Ledger::memory(Some(&self.usage_file())),
+        match keys {
+            crate::keys::KeyStore::Redis(pool) => Ok(Ledger::Redis(pool.clone())),
+            crate::keys::KeyStore::File(_) => Ledger::memory(Some(&self.usage_file())),
         }
     }
 

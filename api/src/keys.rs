@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use deadpool_redis::Pool;
+use pyrunner_shared::store::redis_pool;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -157,10 +158,10 @@ pub enum KeyStore {
 }
 
 impl KeyStore {
-    /// The fleet's store, in the Redis at `url`.
+    /// The fleet's store, in the Redis at `url`. Its pool also serves the request rates, the
+    /// ledger and the registry of the keys' queues.
     pub fn redis(url: &str) -> Result<Self, KeyError> {
-        PoolConfig::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
+        redis_pool(url, 64)
             .map(KeyStore::Redis)
             .map_err(|e| KeyError::Redis(e.to_string()))
     }

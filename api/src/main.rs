@@ -30,7 +30,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let Cli { command, config } = Cli::parse();
     if let Some(Command::Keys { command }) = command {
-        let (store, ledger) = (config.key_store()?, config.ledger()?);
+        let store = config.key_store()?;
+        let ledger = config.ledger(&store)?;
         let period = pyrunner_shared::ledger::Period::current(config.quota_period_secs);
         let out = tokio::runtime::Runtime::new()?
             .block_on(admin::run(&command, &store, &ledger, period))?;

@@ -1,6 +1,6 @@
 //! The HTTP routes.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode, Uri};
@@ -118,17 +118,12 @@ async fn admit(state: &AppState, caller: &Caller, job: &Job) -> Result<(), ApiEr
         Admitted::TooManyInFlight { limit } => {
             Err(ApiError::too_many_in_flight(&record.name, limit))
         }
-        Admitted::QuotaExhausted { used_ms, quota_ms } => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            Err(ApiError::quota_exhausted(
-                &record.name,
-                used_ms,
-                quota_ms,
-                period.ends_at().saturating_sub(now),
-            ))
-        }
+        Admitted::QuotaExhausted { used_ms, quota_ms } => Err(ApiError::quota_exhausted(
+            &record.name,
+            used_ms,
+            quota_ms,
+            period.secs_left(),
+        )),
     }
 }
 

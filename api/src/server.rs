@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::backend::{Backend, EmbeddedBackend, FleetBackend};
 use crate::config::ApiConfig;
+use crate::keys::KeyStore;
 use crate::routes::app;
 use crate::state::{AppState, Callers, SyncWaits};
 
@@ -64,16 +65,16 @@ impl Api {
             ),
             Err(error) => return Err(error.into()),
         }
-        let ledger = config.ledger()?;
-        let (backend, work_root) = match (&config.amqp_url, &config.redis_url) {
-            (Some(amqp), Some(redis)) => {
+        let ledger = config.ledger(&keys)?;
+        let (backend, work_root) = match (&config.amqp_url, &config.redis_url, &keys) {
+            (Some(amqp), Some(redis), KeyStore::Redis(pool)) => {
                 let publisher = Publisher::connect(amqp, &config.queue).await?;
-                let registry = QueueRegistry::new(redis, &config.queue.name)?;
+                let registry = QueueRegistry::new(pool.clone(), redis, &config.queue.name);
                 let redis = RedisStore::new(redis, config.result_ttl(), config.max_sync_waiters)?;
                 let backend = FleetBackend::new(publisher, redis, registry);
                 (Backend::Fleet(backend), None)
             }
-            (None, None) => {
+            (None, None, _) => {
                 let (executor, work_root) = config.executor.start().await?;
                 let runtime = executor.runtime().probe(&executor).await?;
                 tracing::info!(

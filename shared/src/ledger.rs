@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use deadpool_redis::Pool;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -61,6 +61,11 @@ impl Period {
     /// When it ends (and the next starts).
     pub fn ends_at(self) -> u64 {
         self.starts_at() + self.secs
+    }
+
+    /// Whole seconds from now until it ends (0 once it has).
+    pub fn secs_left(self) -> u64 {
+        self.ends_at().saturating_sub(unix_now().as_secs())
     }
 }
 
@@ -198,19 +203,12 @@ return {0, 0}
 /// Where the ledger is.
 #[derive(Clone)]
 pub enum Ledger {
+    /// In Redis, through this pool.
     Redis(Pool),
     Memory(MemoryLedger),
 }
 
 impl Ledger {
-    /// The fleet's ledger, in the Redis at `url`.
-    pub fn redis(url: &str) -> Result<Self, LedgerError> {
-        PoolConfig::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
-            .map(Ledger::Redis)
-            .map_err(redis_error)
-    }
-
     /// A ledger in this process's memory, loaded from and saved to `file` when given.
     pub fn memory(file: Option<&Path>) -> Result<Self, LedgerError> {
         MemoryLedger::load(file).map(Ledger::Memory)

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use deadpool_redis::Pool;
 use redis::AsyncCommands;
 
 use crate::store::StoreError;
@@ -30,20 +30,15 @@ pub struct QueueRegistry {
 }
 
 impl QueueRegistry {
-    /// The registry of the job queue `base`, in the Redis at `url` (no connection yet).
-    pub fn new(url: &str, base: &str) -> Result<Self, StoreError> {
-        let pool = PoolConfig::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|source| StoreError::CreatePool {
-                url: url.to_owned(),
-                source,
-            })?;
-        Ok(Self {
+    /// The registry of the job queue `base`, in the Redis at `url`, reached through `pool`
+    /// (announcements take a connection of their own).
+    pub fn new(pool: Pool, url: &str, base: &str) -> Self {
+        Self {
             pool,
             url: url.to_owned(),
             key: format!("pyrunner:callers:{base}"),
             registered: Arc::default(),
-        })
+        }
     }
 
     /// Makes sure the workers consume `caller`'s queue: registers it, unless this process did

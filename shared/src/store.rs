@@ -178,22 +178,25 @@ pub struct RedisStore {
     url: String,
 }
 
+/// A pool of at most `size` connections to the Redis at `url`; none is made until the first
+/// command.
+pub fn redis_pool(url: &str, size: usize) -> Result<Pool, StoreError> {
+    let mut config = PoolConfig::from_url(url);
+    config.pool = Some(PoolSize::new(size));
+    config
+        .create_pool(Some(Runtime::Tokio1))
+        .map_err(|source| StoreError::CreatePool {
+            url: url.to_owned(),
+            source,
+        })
+}
+
 impl RedisStore {
     /// Creates the pools; no connection is made until the first command.
     pub fn new(url: &str, ttl: Duration, max_waiters: usize) -> Result<Self, StoreError> {
-        let make = |size: usize| {
-            let mut config = PoolConfig::from_url(url);
-            config.pool = Some(PoolSize::new(size));
-            config
-                .create_pool(Some(Runtime::Tokio1))
-                .map_err(|source| StoreError::CreatePool {
-                    url: url.to_owned(),
-                    source,
-                })
-        };
         Ok(Self {
-            pool: make(64)?,
-            wait_pool: make(max_waiters.max(1))?,
+            pool: redis_pool(url, 64)?,
+            wait_pool: redis_pool(url, max_waiters.max(1))?,
             ttl_secs: ttl.as_secs().max(1),
             url: url.to_owned(),
         })

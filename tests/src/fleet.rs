@@ -336,8 +336,10 @@ impl Fleet {
         // The test's own Redis, when it names one after the machine's.
         let redis = self.env.iter().rfind(|(k, _)| k == "REDIS_URL");
         if let Some((_, url)) = redis {
-            let registry = pyrunner_shared::queue_registry::QueueRegistry::new(url, &self.queue);
-            if let Ok(callers) = registry.unwrap().callers().await {
+            let pool = pyrunner_shared::store::redis_pool(url, 1).unwrap();
+            let registry =
+                pyrunner_shared::queue_registry::QueueRegistry::new(pool, url, &self.queue);
+            if let Ok(callers) = registry.callers().await {
                 let settings = pyrunner_shared::queue::QueueSettings::named(&self.queue);
                 queues.extend(callers.iter().map(|c| settings.caller_queue(c)));
             }

@@ -3,7 +3,7 @@ use clap::Parser;
 use pyrunner_shared::ledger::Ledger;
 use pyrunner_shared::queue_registry::QueueRegistry;
 use pyrunner_shared::service::{init_logging, shutdown_signal};
-use pyrunner_shared::store::{RedisStore, ResultStore};
+use pyrunner_shared::store::{redis_pool, RedisStore, ResultStore};
 use pyrunner_worker::config::WorkerConfig;
 use pyrunner_worker::runner::Runner;
 
@@ -45,15 +45,17 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             }
         }
     });
+    // The ledger and the registry of the keys' queues share a pool.
+    let callers = redis_pool(&config.redis_url, 8)?;
     let runner = Runner::new(
         executor,
         ResultStore::Redis(redis),
-        Ledger::redis(&config.redis_url)?,
+        Ledger::Redis(callers.clone()),
     );
     pyrunner_worker::consumer::consume(
         &config.amqp_url,
         &config.queue,
-        QueueRegistry::new(&config.redis_url, &config.queue.name)?,
+        QueueRegistry::new(callers, &config.redis_url, &config.queue.name),
         runner,
         config.shutdown_grace(),
         shutdown_signal(),

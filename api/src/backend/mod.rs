@@ -63,8 +63,7 @@ impl Backend {
 
     /// Accepts a job: records it as queued and hands it to the workers.
     pub async fn submit(&self, job: Job) -> Result<(), SubmitError> {
-        let owner = job.caller.clone();
-        let owner = owner.as_deref();
+        let owner = job.caller.as_deref();
         match self {
             // Both at once, to save a round trip: the queued state is written only if no worker
             // has written a later one.
