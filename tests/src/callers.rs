@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::http::{send_keyed, Reply};
+use crate::http::{poll_done_as, send_keyed, Reply};
 
 /// The quota period the apis of these checks run with (`PYRUNNER_QUOTA_PERIOD_SECS`): short,
 /// so that a test sees a quota reset, and long enough that a CPU burn, its usage record and the
@@ -16,20 +16,6 @@ pub const QUOTA_PERIOD_SECS: u64 = 10;
 /// `key`'s request through `base`.
 async fn call(base: &str, method: &str, path: &str, key: &str, body: Option<&Value>) -> Reply {
     send_keyed(method, &format!("{base}{path}"), "x-api-key", key, body).await
-}
-
-/// Polls job `id` with `key` until it has a result.
-async fn poll(base: &str, key: &str, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let reply = call(base, "GET", &format!("/jobs/{id}"), key, None).await;
-        assert_eq!(reply.status, 200, "{reply:?}");
-        if reply.body["result"].is_object() {
-            return reply.body["result"].clone();
-        }
-        assert!(Instant::now() < deadline, "job {id} not done: {reply:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Sleeps until just after the next quota period starts.
@@ -52,15 +38,6 @@ async fn settled(base: &str, ops: &str, runs: u64) -> Value {
         assert!(Instant::now() < deadline, "never {runs} runs: {reply:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The seconds of a reply's Retry-After.
-fn retry_after(reply: &Reply) -> u64 {
-    reply.headers["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// Through the replicas `bases` of an api whose key store `admin` manages (the admin command,
@@ -99,12 +76,13 @@ pub async fn check_key_limits(bases: &[&str], admin: impl Fn(&[&str]) -> Value) 
         assert_eq!(refused.status, 429, "{path}: {refused:?}");
         assert_eq!(refused.body["error"]["code"], "concurrency_limit");
         assert_eq!(refused.body["error"]["limit"], "max_concurrent");
-        assert_eq!(retry_after(&refused), 1);
+        assert_eq!(refused.retry_after(), 1);
     }
     // Another key is not held by this one's limit.
     let free = call(other, "POST", "/run", &ops, Some(&pass)).await;
     assert_eq!(free.status, 200, "{free:?}");
-    assert_eq!(poll(bases[0], &key, &id).await["stdout"], "slept\n");
+    let slept = poll_done_as(bases[0], Some(&key), &id, Duration::from_secs(30)).await;
+    assert_eq!(slept.result.unwrap().stdout, "slept\n");
     let sleep_cpu_ms = settled(other, &ops, 1).await["total"]["cpu_ms"]
         .as_u64()
         .unwrap();
@@ -124,7 +102,7 @@ pub async fn check_key_limits(bases: &[&str], admin: impl Fn(&[&str]) -> Value) 
     assert_eq!(exhausted.status, 429, "{exhausted:?}");
     assert_eq!(exhausted.body["error"]["code"], "quota_exhausted");
     assert_eq!(exhausted.body["error"]["limit"], "cpu_quota_secs");
-    let wait = retry_after(&exhausted);
+    let wait = exhausted.retry_after();
     assert!((1..=QUOTA_PERIOD_SECS).contains(&wait), "{exhausted:?}");
 
     // Usage, through the admin endpoint and the admin command.

@@ -74,6 +74,17 @@ pub struct Reply {
     pub headers: reqwest::header::HeaderMap,
 }
 
+impl Reply {
+    /// The seconds of its `Retry-After`; panics without one.
+    pub fn retry_after(&self) -> u64 {
+        self.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
 /// Sends a request with a raw body and content type, on a connection of its own.
 pub async fn send(method: &str, url: &str, body: Option<(&str, Vec<u8>)>) -> Reply {
     send_with(&reqwest::Client::new(), method, url, body).await
@@ -163,9 +174,18 @@ pub async fn run_cases(base: &str, cases: Vec<crate::catalogue::Case>) -> Vec<St
 
 /// Polls `GET /jobs/{id}` until the job is done (at most `within`).
 pub async fn poll_done(base: &str, id: &str, within: Duration) -> JobView {
+    poll_done_as(base, None, id, within).await
+}
+
+/// As [`poll_done`], with the API key `key` if given.
+pub async fn poll_done_as(base: &str, key: Option<&str>, id: &str, within: Duration) -> JobView {
     let deadline = Instant::now() + within;
+    let url = format!("{base}/jobs/{id}");
     loop {
-        let reply = get(&format!("{base}/jobs/{id}")).await;
+        let reply = match key {
+            Some(key) => send_keyed("GET", &url, "x-api-key", key, None).await,
+            None => get(&url).await,
+        };
         assert_eq!(reply.status, 200, "{reply:?}");
         let view: JobView = serde_json::from_value(reply.body).unwrap();
         if view.result.is_some() {
@@ -386,11 +406,7 @@ pub async fn check_rate_limit(bases: &[&str], admin: impl Fn(&[&str]) -> Value) 
     let denied = &replies[3];
     assert_eq!(denied.status, 429, "{denied:?}");
     assert_eq!(denied.body["error"]["code"], "rate_limited", "{denied:?}");
-    let retry_after: u64 = denied.headers["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = denied.retry_after();
     assert!((1..=2).contains(&retry_after), "{denied:?}");
     assert_eq!(denied.headers["ratelimit-remaining"], "0", "{denied:?}");
     tokio::time::sleep(Duration::from_millis(retry_after * 1000 + 100)).await;
