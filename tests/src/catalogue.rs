@@ -548,12 +548,19 @@ pub fn hostile() -> Vec<Case> {
             },
         ),
         case(
-            "the host's files are not in the run's view",
-            "import os\n\
+            "the host's files are not in the run's view (the runtime's own directories aside)",
+            "import os, sys\n\
              paths = ['/etc/passwd', '/etc/shadow', '/etc/hostname', '/root', '/home', '/var/log', '/var/lib/dpkg', '/run', \
                       '/srv', '/opt', '/mnt', '/boot', '/dev/log', '/dev/pts', '/dev/kmsg', '/dev/tty', '/dev/console', \
                       '/dev/vda', '/dev/mem', '/dev/fuse', '/dev/net', '/sys/fs/cgroup', '/sys/kernel', '/sys/class']\n\
-             print([p for p in paths if os.path.lexists(p)])",
+             parts = sys.prefix.split(os.sep)\n\
+             ancestors = {os.sep.join(parts[:i]): parts[i] for i in range(2, len(parts))}\n\
+             def exposed(p):\n    \
+                 if not os.path.lexists(p):\n        return False\n    \
+                 if p not in ancestors:\n        return True\n    \
+                 try:\n        return os.listdir(p) != [ancestors[p]]\n    \
+                 except PermissionError:\n        return False\n\
+             print([p for p in paths if exposed(p)])",
             RunStatus::Success,
             |r| assert_eq!(r.stdout, "[]\n", "{r:#?}"),
         ),
