@@ -177,10 +177,15 @@ fn check_containers(stack: &Stack) -> String {
                 "{service} publishes {ports}"
             );
         }
+        let options = info["HostConfig"]["SecurityOpt"].to_string();
         if service == "worker" {
             let host = &info["HostConfig"];
             assert_eq!(host["CapDrop"], json!(["ALL"]), "the worker's capabilities");
             assert_eq!(host["Privileged"], false, "the worker is privileged");
+            assert!(
+                options.contains("apparmor=unconfined"),
+                "the worker's AppArmor setting: {options}"
+            );
             let status = stack.exec(id, &["grep", "CapEff", "/proc/1/status"]);
             // SYS_ADMIN, SYS_CHROOT, SETUID, SETGID, CHOWN, DAC_OVERRIDE and KILL.
             assert_eq!(
@@ -189,7 +194,6 @@ fn check_containers(stack: &Stack) -> String {
                 "{status}"
             );
         }
-        let options = info["HostConfig"]["SecurityOpt"].to_string();
         assert!(
             options.contains("no-new-privileges"),
             "{service}: no no-new-privileges in {options}"
