@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use pyrunner_shared::RunStatus;
-use pyrunner_tests::catalogue::{hostile, statuses};
+use pyrunner_tests::catalogue::{hostile, statuses, Case};
 use pyrunner_tests::http::{get, poll_done, run, run_cases, send, submit, wait_state};
 use serde_json::{json, Value};
 
@@ -92,12 +92,7 @@ async fn check(stack: &Stack, report: &mut Report) {
     report.add("the workers' isolation layers", started, isolation);
 
     let started = Instant::now();
-    let failures = run_cases(&base, statuses()).await;
-    assert!(
-        failures.is_empty(),
-        "smoke cases failed:\n{}",
-        failures.join("\n")
-    );
+    all_pass(&base, statuses(), "smoke").await;
     let detail = smoke(&base).await;
     report.add(
         &format!(
@@ -109,12 +104,7 @@ async fn check(stack: &Stack, report: &mut Report) {
     );
 
     let started = Instant::now();
-    let failures = run_cases(&base, hostile()).await;
-    assert!(
-        failures.is_empty(),
-        "hostile cases failed:\n{}",
-        failures.join("\n")
-    );
+    all_pass(&base, hostile(), "hostile").await;
     report.add(
         &format!("hostile-code catalogue: {} cases", hostile().len()),
         started,
@@ -124,6 +114,16 @@ async fn check(stack: &Stack, report: &mut Report) {
     let started = Instant::now();
     let detail = worker_killed_mid_run(&base, stack).await;
     report.add("a worker container killed mid-run", started, detail);
+}
+
+/// Runs a catalogue through the api's `POST /run`; panics with every case that failed.
+async fn all_pass(base: &str, cases: Vec<Case>, catalogue: &str) {
+    let failures = run_cases(base, cases).await;
+    assert!(
+        failures.is_empty(),
+        "{catalogue} cases failed:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// The built images: size, init, healthcheck and user.
@@ -160,15 +160,15 @@ fn check_containers(stack: &Stack) -> String {
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        let ports = &info["HostConfig"]["PortBindings"];
+        let host = &info["HostConfig"];
+        let ports = &host["PortBindings"];
         if service == "api" {
             let binding = &ports["8000/tcp"][0];
             assert_eq!(binding["HostIp"], "127.0.0.1", "api's binding: {ports}");
-            let host = &info["HostConfig"];
             assert_eq!(host["ReadonlyRootfs"], true, "the api's root is writable");
             assert_eq!(host["CapDrop"], json!(["ALL"]), "the api's capabilities");
             assert!(host["CapAdd"].is_null(), "the api gains {}", host["CapAdd"]);
-            let probe = stack.exec(id, &["sh", "-c", "touch /probe 2>&1; id -un"]);
+            let probe = exec(id, &["sh", "-c", "touch /probe 2>&1; id -un"]);
             assert!(probe.contains("Read-only file system"), "api: {probe}");
             assert!(probe.trim_end().ends_with("pyrunner"), "api user: {probe}");
         } else {
@@ -177,16 +177,15 @@ fn check_containers(stack: &Stack) -> String {
                 "{service} publishes {ports}"
             );
         }
-        let options = info["HostConfig"]["SecurityOpt"].to_string();
+        let options = host["SecurityOpt"].to_string();
         if service == "worker" {
-            let host = &info["HostConfig"];
             assert_eq!(host["CapDrop"], json!(["ALL"]), "the worker's capabilities");
             assert_eq!(host["Privileged"], false, "the worker is privileged");
             assert!(
                 options.contains("apparmor=unconfined"),
                 "the worker's AppArmor setting: {options}"
             );
-            let status = stack.exec(id, &["grep", "CapEff", "/proc/1/status"]);
+            let status = exec(id, &["grep", "CapEff", "/proc/1/status"]);
             // SYS_ADMIN, SYS_CHROOT, SETUID, SETGID, CHOWN, DAC_OVERRIDE and KILL.
             assert_eq!(
                 status.split_whitespace().nth(1),
@@ -198,7 +197,7 @@ fn check_containers(stack: &Stack) -> String {
             options.contains("no-new-privileges"),
             "{service}: no no-new-privileges in {options}"
         );
-        let init = stack.exec(id, &["cat", "/proc/1/comm"]);
+        let init = exec(id, &["cat", "/proc/1/comm"]);
         if service == "api" || service == "worker" {
             assert_eq!(init.trim(), "tini", "{service}'s PID 1");
         }
@@ -207,7 +206,7 @@ fn check_containers(stack: &Stack) -> String {
             "{service} is not healthy"
         );
         assert_eq!(
-            info["HostConfig"]["RestartPolicy"]["Name"], "unless-stopped",
+            host["RestartPolicy"]["Name"], "unless-stopped",
             "{service}'s restart policy"
         );
     }
@@ -306,7 +305,7 @@ async fn worker_killed_mid_run(base: &str, stack: &Stack) -> String {
         let found = stack
             .container_ids(Some("worker"))
             .into_iter()
-            .find(|c| stack.logs(c).contains(&needle));
+            .find(|c| logs(c).contains(&needle));
         if let Some(found) = found {
             break found;
         }
@@ -408,11 +407,7 @@ impl Stack {
     /// Runs `docker compose <args>` within `within`; panics with its output if it fails.
     fn compose(&self, args: &[&str], within: Duration) -> String {
         let out = bounded(self.command(args), within);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = text(&out);
         assert!(
             out.status.success(),
             "docker compose {} failed:\n{}",
@@ -457,28 +452,6 @@ impl Stack {
             .collect()
     }
 
-    fn exec(&self, id: &str, cmd: &[&str]) -> String {
-        let mut docker = Command::new("docker");
-        docker.args(["exec", id]).args(cmd);
-        let out = bounded(docker, Duration::from_secs(30));
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    }
-
-    fn logs(&self, id: &str) -> String {
-        let mut docker = Command::new("docker");
-        docker.args(["logs", id]);
-        let out = bounded(docker, Duration::from_secs(30));
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    }
-
     fn print_logs(&self) {
         let out = bounded(
             self.command(&["logs", "--no-color", "--tail", "30"]),
@@ -502,11 +475,35 @@ impl Drop for Stack {
     }
 }
 
-/// `docker <args>` as JSON: the first object of what `inspect` prints.
-fn inspect(args: &[&str]) -> Value {
+/// Runs `docker <args>` (a command that answers at once: at most 30 s).
+fn docker(args: &[&str]) -> Output {
     let mut docker = Command::new("docker");
     docker.args(args);
-    let out = bounded(docker, Duration::from_secs(30));
+    bounded(docker, Duration::from_secs(30))
+}
+
+/// What a command printed, its output then its errors.
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// What `cmd` prints when run in container `id`.
+fn exec(id: &str, cmd: &[&str]) -> String {
+    text(&docker(&[&["exec", id], cmd].concat()))
+}
+
+/// The log of container `id`.
+fn logs(id: &str) -> String {
+    text(&docker(&["logs", id]))
+}
+
+/// `docker <args>` as JSON: the first object of what `inspect` prints.
+fn inspect(args: &[&str]) -> Value {
+    let out = docker(args);
     assert!(
         out.status.success(),
         "docker {}: {}",
