@@ -1,15 +1,19 @@
 //! A service without real root: the embedded api started as an unprivileged user makes itself
 //! root of a user namespace of its own, and runs still get their namespaces, their read-only
-//! view, Landlock and seccomp; what it cannot have (a uid per slot, cgroups) it reports off.
+//! view, Landlock and seccomp; what it cannot have (cgroups, and a uid per slot unless the
+//! user has a subordinate range of ids) it reports off.
 
+use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pyrunner_shared::RunStatus;
 use pyrunner_tests::catalogue::{case, no_check, Case};
 use pyrunner_tests::fleet::{binary, free_port};
-use pyrunner_tests::http::{get, run_cases};
+use pyrunner_tests::http::{get, run, run_cases};
+use serde_json::json;
 
 /// The unprivileged user the api runs as.
 const NOBODY: u32 = 65_534;
@@ -26,21 +30,72 @@ impl Drop for Api {
     }
 }
 
-async fn start_as_nobody() -> Api {
-    let port = free_port();
-    let child = Command::new(binary("pyrunner-api"))
+/// The api's environment, on `port`.
+fn api_env(command: &mut Command, port: u16) -> &mut Command {
+    command
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .env("PYRUNNER_BIND", format!("127.0.0.1:{port}"))
         .env("PYRUNNER_RUNTIME_DIR", pyrunner_tests::runtime_dir())
         .env("PYRUNNER_CONCURRENCY", "2")
         .env("RUST_LOG", "warn")
-        .uid(NOBODY)
-        .gid(NOBODY)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+}
+
+async fn start_as_nobody() -> Api {
+    let port = free_port();
+    let child = api_env(&mut Command::new(binary("pyrunner-api")), port)
+        .uid(NOBODY)
+        .gid(NOBODY)
         .spawn()
         .expect("start the api as nobody");
+    wait_ready(child, port).await
+}
+
+/// Where the subordinate ids of the test's nobody start, on the host (no account has them).
+const SUBORDINATE_START: u32 = 2_000_000;
+const SUBORDINATE_COUNT: u32 = 65_536;
+
+/// Starts the api as nobody, with a subordinate range of ids: in a mount namespace of the
+/// test's own, private `/etc/subuid` and `/etc/subgid` give nobody the range (the host's files
+/// are not touched), and `newuidmap` and `newgidmap` read them there. `dir` holds the files
+/// and the api's work dir.
+async fn start_as_nobody_with_subordinate_ids(dir: &Path) -> Api {
+    assert!(
+        Path::new("/usr/bin/newuidmap").exists(),
+        "newuidmap is missing: install the uidmap package (scripts/test does)"
+    );
+    let range = format!("nobody:{SUBORDINATE_START}:{SUBORDINATE_COUNT}\n");
+    for file in ["subuid", "subgid"] {
+        std::fs::write(dir.join(file), &range).unwrap();
+    }
+    let work = dir.join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::os::unix::fs::chown(&work, Some(NOBODY), Some(NOBODY)).unwrap();
+    let port = free_port();
+    let script =
+        "mount --bind \"$1/subuid\" /etc/subuid && mount --bind \"$1/subgid\" /etc/subgid \
+                  && shift && exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$@\"";
+    let child = api_env(&mut Command::new("unshare"), port)
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(dir)
+        .arg(binary("pyrunner-api"))
+        .env("PYRUNNER_WORK_DIR", &work)
+        .spawn()
+        .expect("start the api as nobody in a mount namespace of its own");
+    wait_ready(child, port).await
+}
+
+async fn wait_ready(child: Child, port: u16) -> Api {
     let api = Api {
         child,
         url: format!("http://127.0.0.1:{port}"),
@@ -151,6 +206,142 @@ async fn without_real_root_runs_keep_their_namespaces_view_landlock_and_seccomp(
         "{uid_line}"
     );
     let failures = run_cases(&api.url, cases()).await;
+    assert!(
+        failures.is_empty(),
+        "failed cases:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Every process descending from `root`, with its host uid.
+fn descendants(root: u32) -> HashMap<u32, u32> {
+    let mut parents = HashMap::new();
+    let mut uids = HashMap::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| -> Option<u32> {
+            let line = status.lines().find(|l| l.starts_with(name))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        };
+        if let (Some(ppid), Some(uid)) = (field("PPid:"), field("Uid:")) {
+            parents.insert(pid, ppid);
+            uids.insert(pid, uid);
+        }
+    }
+    let descends = |mut pid: u32| {
+        while let Some(&parent) = parents.get(&pid) {
+            if parent == root {
+                return true;
+            }
+            pid = parent;
+        }
+        false
+    };
+    uids.into_iter().filter(|&(pid, _)| descends(pid)).collect()
+}
+
+/// What a run of a service without real root but with subordinate ids must show.
+fn subordinate_cases() -> Vec<Case> {
+    vec![
+        case(
+            "the run holds its slot's uid, alone in a user namespace of its own",
+            "import os\nu = os.getuid()\nprint(64000 <= u < 64008, open('/proc/self/uid_map').read().split() \
+             == [str(u), str(u), '1'], os.getgid() == u)",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "True True True\n", "{r:#?}"),
+        ),
+        case(
+            "the run holds no capability",
+            "print({l.split()[1] for l in open('/proc/self/status') if l.startswith('Cap')})",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "{'0000000000000000'}\n", "{r:#?}"),
+        ),
+        case(
+            "the process limit is the run's own",
+            "import os\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            \
+             import time; time.sleep(30)\n        n += 1\nexcept OSError as e:\n    print(40 < n < 64)",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "True\n", "{r:#?}"),
+        ),
+        case(
+            "no process of another run or of the service can be signalled",
+            "import os\ntry:\n    os.kill(-1, 9)\nexcept ProcessLookupError:\n    print('alone')",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "alone\n", "{r:#?}"),
+        ),
+        case(
+            "numpy and sympy work",
+            "import numpy as np, sympy\nprint(np.arange(10).sum(), sympy.factorint(360))",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "45 {2: 3, 3: 2, 5: 1}\n", "{r:#?}"),
+        ),
+        case(
+            "a memory hog",
+            "x = bytearray(4 << 30)",
+            RunStatus::MemoryExceeded,
+            no_check,
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_real_root_but_with_subordinate_ids_each_slot_has_its_own_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = start_as_nobody_with_subordinate_ids(dir.path()).await;
+    let report = get(&format!("{}/isolation", api.url)).await;
+    let layers = report.body["layers"].as_object().expect("a report");
+    for name in [
+        "uid_per_slot",
+        "user_namespace",
+        "pid_namespace",
+        "landlock",
+        "seccomp",
+    ] {
+        assert_eq!(layers[name]["active"], true, "{name}: {}", layers[name]);
+    }
+    let detail = layers["user_namespace"]["detail"].as_str().unwrap();
+    assert!(detail.contains("subordinate ids"), "{detail}");
+    assert_eq!(layers["cgroup_memory"]["active"], false);
+
+    // Two runs at once: each reports its uid, and on the host each is a subordinate uid of its
+    // own (inside id i is host id start + i - 1), which the service itself does not hold.
+    let sleeper = json!({ "code": "import os, time\nprint(os.getuid())\ntime.sleep(3)" });
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, sleeper) = (api.url.clone(), sleeper.clone());
+            tokio::spawn(async move { run(&url, &sleeper).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let on_host = descendants(api.child.id());
+    let slot_uids: BTreeSet<u32> = on_host.values().copied().filter(|&u| u != NOBODY).collect();
+    let subordinate = SUBORDINATE_START..SUBORDINATE_START + SUBORDINATE_COUNT;
+    assert!(
+        slot_uids.iter().all(|u| subordinate.contains(u)),
+        "processes of the service outside its subordinate range: {on_host:?}"
+    );
+    // The warm children of the eight slots wait under eight uids.
+    assert!(slot_uids.len() >= 8, "{slot_uids:?}");
+    let mut inside = BTreeSet::new();
+    for running in runs {
+        let result = running.await.unwrap();
+        assert_eq!(result.status, RunStatus::Success, "{result:#?}");
+        let uid: u32 = result.stdout.trim().parse().unwrap();
+        assert!(
+            slot_uids.contains(&(SUBORDINATE_START + uid - 1)),
+            "uid {uid} is not host uid {} in {slot_uids:?}",
+            SUBORDINATE_START + uid - 1
+        );
+        inside.insert(uid);
+    }
+    assert_eq!(inside.len(), 2, "two runs at once shared a uid: {inside:?}");
+
+    let failures = run_cases(&api.url, subordinate_cases()).await;
     assert!(
         failures.is_empty(),
         "failed cases:\n{}",

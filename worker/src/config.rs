@@ -12,8 +12,8 @@ use thiserror::Error;
 use crate::executor::Executor;
 use crate::runtime::{PythonRuntime, RuntimeError};
 use crate::sandbox::cgroup::CgroupLimits;
-use crate::sandbox::{self, Sandbox, SandboxError, SandboxSettings};
-use crate::slots::{SlotError, SlotPool};
+use crate::sandbox::{self, idmap, Sandbox, SandboxError, SandboxSettings};
+use crate::slots::{SlotError, SlotPool, UID_RANGE};
 use crate::warm_pool::{WarmError, WarmPool, WarmPoolSettings};
 use crate::zygote::ZygoteSettings;
 
@@ -34,16 +34,16 @@ pub struct ExecutorArgs {
     /// Runs carried out at once (default: the number of cores).
     #[arg(long, env = "PYRUNNER_CONCURRENCY")]
     pub concurrency: Option<usize>,
-    /// First uid of the run slots when the worker runs as root; slot i runs as base + i.
+    /// First uid of the run slots; slot uids are claimed from it upwards. Without real root
+    /// they are ids of the user's subordinate range, counted from 1 (where the range is smaller
+    /// than the base, slots take its first ids).
     #[arg(long, env = "PYRUNNER_SANDBOX_UID_BASE", default_value_t = 64_000)]
     pub sandbox_uid_base: u32,
-    /// Where slot uids are claimed with lock files, host-wide (used when running as root).
-    #[arg(
-        long,
-        env = "PYRUNNER_SLOT_LOCK_DIR",
-        default_value = "/run/pyrunner/slots"
-    )]
-    pub slot_lock_dir: PathBuf,
+    /// Where slot uids are claimed with lock files, shared by the workers of one host (default:
+    /// /run/pyrunner/slots as root; without real root, pyrunner-UID-slots in the work dir,
+    /// which all workers of that user must share).
+    #[arg(long, env = "PYRUNNER_SLOT_LOCK_DIR")]
+    pub slot_lock_dir: Option<PathBuf>,
     /// Most processes and threads one run may have.
     #[arg(long, env = "PYRUNNER_MAX_PROCESSES", default_value_t = 64)]
     pub max_processes: u64,
@@ -173,18 +173,25 @@ impl ExecutorArgs {
                 .unwrap_or(4 * self.concurrency())
                 .max(self.concurrency()),
         };
-        let slots = if sandbox::sys::is_host_root() {
-            SlotPool::with_uids(
-                slot_count,
-                self.sandbox_uid_base,
-                &self.slot_lock_dir,
-                Some(CgroupLimits {
-                    max_processes: self.max_processes,
-                    cpus: (self.cpus_per_run > 0.0).then_some(self.cpus_per_run),
-                }),
-            )?
+        let base = self.sandbox_uid_base;
+        let slot_uids = if sandbox::sys::is_host_root() {
+            let limits = CgroupLimits {
+                max_processes: self.max_processes,
+                cpus: (self.cpus_per_run > 0.0).then_some(self.cpus_per_run),
+            };
+            Some((base..base.saturating_add(UID_RANGE), Some(limits)))
+        } else if sandbox::sys::is_root() {
+            // Root of a user namespace of its own: ids of a subordinate range, if it maps one,
+            // and no cgroups.
+            idmap::own_slot_ids(base, UID_RANGE).map(|uids| (uids, None))
         } else {
-            SlotPool::new(slot_count)
+            None
+        };
+        let slots = match slot_uids {
+            Some((uids, limits)) => {
+                SlotPool::with_uids(slot_count, uids, &self.slot_lock_dir(), limits)?
+            }
+            None => SlotPool::new(slot_count),
         };
         let work_err = |source| SetupError::WorkDir {
             path: self.work_dir.clone(),
@@ -250,6 +257,17 @@ impl ExecutorArgs {
             return Err(SetupError::Isolation(list.join("; ")));
         }
         Ok((executor, root))
+    }
+
+    /// Where slot uids are claimed: as configured, else by who the worker is on the host.
+    pub fn slot_lock_dir(&self) -> PathBuf {
+        match &self.slot_lock_dir {
+            Some(dir) => dir.clone(),
+            None if sandbox::sys::is_host_root() => PathBuf::from("/run/pyrunner/slots"),
+            None => self
+                .work_dir
+                .join(format!("pyrunner-{}-slots", idmap::host_uid())),
+        }
     }
 
     /// The zygote executable: as configured, else beside the running program.

@@ -1,12 +1,16 @@
 //! Run slots: how many runs a worker carries out at once, and which uid each run gets.
 //!
-//! A worker that runs as root gives each slot a uid of its own, claimed host-wide: slot uids
-//! are taken from a range by holding an exclusive `flock` on one lock file per uid, so two
-//! workers on one host (sharing a PID namespace) never use the same uid. The end of a run kills
+//! A worker that runs as root, or without it but with a subordinate range of ids
+//! (`sandbox::idmap`), gives each slot a uid of its own, claimed host-wide: slot uids are taken
+//! from a range by holding an exclusive `flock` on one lock file per uid, so two workers on one
+//! host (sharing a PID namespace) never use the same uid. Workers of one user without real root
+//! map the same subordinate range, so they too must share a lock directory. The end of a run kills
 //! every process of its uid, which is exact only because no one else uses that uid meanwhile.
 //! The kernel drops the locks when the worker exits, however it exits.
 
 use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -17,7 +21,7 @@ use crate::sandbox::cgroup::{CgroupError, CgroupLimits, SlotCgroups};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How many uids past the base are tried when claiming slot uids.
-const UID_RANGE: u32 = 4096;
+pub const UID_RANGE: u32 = 4096;
 
 /// Slot uids cannot be claimed.
 #[derive(Debug, Error)]
@@ -27,8 +31,14 @@ pub enum SlotError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("no free sandbox uid in {base}..{end}: other workers hold them all")]
-    Exhausted { base: u32, end: u32 },
+    #[error("the slot lock directory {path} is not ours alone (owner {owner}, mode {mode:o}): anyone able to write there could take or hold our slot uids")]
+    LockDirNotOwn {
+        path: PathBuf,
+        owner: u32,
+        mode: u32,
+    },
+    #[error("no free sandbox uid in {0:?}: other workers hold them all")]
+    Exhausted(Range<u32>),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
 }
@@ -45,6 +55,30 @@ pub struct SlotPool {
     states: Arc<Vec<SlotState>>,
     free: Arc<Mutex<Vec<u32>>>,
     permits: Arc<Semaphore>,
+}
+
+/// Makes `path` if it is missing, and checks that no one else may write there: a lock file
+/// someone else could create or replace would let them hold our uids, or make us share one.
+fn own_lock_dir(path: &Path) -> Result<(), SlotError> {
+    let failed = |source| SlotError::LockDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .map_err(failed)?;
+    let meta = std::fs::metadata(path).map_err(failed)?;
+    let ours = meta.uid() == nix::unistd::geteuid().as_raw();
+    if !ours || meta.mode() & 0o022 != 0 {
+        return Err(SlotError::LockDirNotOwn {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    Ok(())
 }
 
 /// A slot held by one run; it returns to the pool when dropped.
@@ -68,22 +102,19 @@ impl SlotPool {
         Self::from_states(states)
     }
 
-    /// A pool of `size` slots, each with a uid of its own claimed from `base` upwards through
-    /// lock files in `lock_dir`, and, when `limits` are given and the host has them, cgroups
-    /// of its own with those limits.
+    /// A pool of `size` slots, each with a uid (and the same gid) of its own claimed from
+    /// `uids` through lock files in `lock_dir`, and, when `limits` are given and the host has
+    /// them, cgroups of its own with those limits.
     pub fn with_uids(
         size: usize,
-        base: u32,
+        uids: Range<u32>,
         lock_dir: &Path,
         limits: Option<CgroupLimits>,
     ) -> Result<Self, SlotError> {
         let cgroup_limit = limits.filter(|_| SlotCgroups::available());
-        std::fs::create_dir_all(lock_dir).map_err(|source| SlotError::LockDir {
-            path: lock_dir.to_path_buf(),
-            source,
-        })?;
+        own_lock_dir(lock_dir)?;
         let mut states = Vec::new();
-        for uid in base..base.saturating_add(UID_RANGE) {
+        for uid in uids.clone() {
             if states.len() == size.max(1) {
                 break;
             }
@@ -102,10 +133,7 @@ impl SlotPool {
             }
         }
         if states.len() < size.max(1) {
-            return Err(SlotError::Exhausted {
-                base,
-                end: base.saturating_add(UID_RANGE),
-            });
+            return Err(SlotError::Exhausted(uids));
         }
         Ok(Self::from_states(states))
     }
@@ -222,11 +250,32 @@ mod tests {
         assert!(waiter.await.unwrap() < 3);
     }
 
+    const UIDS: Range<u32> = 70_000..70_000 + UID_RANGE;
+
+    #[test]
+    fn a_lock_directory_others_may_write_to_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = SlotPool::with_uids(1, UIDS, dir.path(), None).err();
+        assert!(
+            matches!(refused, Some(SlotError::LockDirNotOwn { mode: 0o777, .. })),
+            "{refused:?}"
+        );
+        // Made where it is missing, and ours alone.
+        let made = dir.path().join("a/b");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let pool = SlotPool::with_uids(2, UIDS, &made, None).unwrap();
+        assert_eq!(pool.size(), 2);
+        let mode = std::fs::metadata(&made).unwrap().permissions().mode();
+        assert_eq!(mode & 0o022, 0, "{mode:o}");
+    }
+
     #[tokio::test]
     async fn two_pools_never_share_a_uid() {
         let dir = tempfile::tempdir().unwrap();
-        let a = SlotPool::with_uids(3, 70_000, dir.path(), None).unwrap();
-        let b = SlotPool::with_uids(3, 70_000, dir.path(), None).unwrap();
+        let a = SlotPool::with_uids(3, UIDS, dir.path(), None).unwrap();
+        let b = SlotPool::with_uids(3, UIDS, dir.path(), None).unwrap();
         let uids =
             |p: &SlotPool| -> HashSet<u32> { p.states.iter().filter_map(|s| s.uid).collect() };
         assert_eq!(uids(&a).len(), 3);
@@ -238,7 +287,7 @@ mod tests {
         );
         drop(a);
         // The first pool's uids are free again once it is gone.
-        let c = SlotPool::with_uids(3, 70_000, dir.path(), None).unwrap();
+        let c = SlotPool::with_uids(3, UIDS, dir.path(), None).unwrap();
         assert!(uids(&c).contains(&70_000));
     }
 }

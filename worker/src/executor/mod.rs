@@ -241,7 +241,10 @@ impl Executor {
             if self.slots.has_uids() {
                 LayerStatus::active(format!("{slots} slots, each with its own uid and gid"))
             } else {
-                LayerStatus::inactive("the worker has no real root: runs keep its uid")
+                LayerStatus::inactive(
+                    "the worker has no real root and no subordinate ids mapped (/etc/subuid \
+                     and newuidmap): runs keep its uid",
+                )
             },
         );
         let cgroups = if self.slots.has_cgroups() {

@@ -4,11 +4,12 @@
 //! /dev/shm, and its own /proc), its own session and process group, resource limits, an
 //! unprivileged uid per run slot, `no_new_privs`, a Landlock ruleset and a seccomp allowlist.
 //!
-//! The worker itself still needs real root for all of it; docs/SECURITY.md says what runs get
-//! without it.
+//! A worker without real root gets all of it but the cgroups, and a uid per slot only where its
+//! user has a subordinate range of ids ([`idmap`]); docs/SECURITY.md says what runs get then.
 
 pub mod cgroup;
 pub mod container_profile;
+pub mod idmap;
 pub mod landlock;
 pub mod namespaces;
 pub mod rlimits;
@@ -88,9 +89,42 @@ pub struct Sandbox {
     private_mounts: Result<rootfs::RootView, String>,
     /// Where each run gets a PID namespace (with its own /proc, in its mount namespace).
     pid_namespaces: Result<Arc<namespaces::PidNamespaces>, String>,
-    /// Whether each run gets a user namespace of its own, and whether the worker holds real
-    /// root (`false`: it is root of a user namespace of its own only).
-    user_namespaces: Result<bool, String>,
+    /// Whether each run gets a user namespace of its own, and who the worker is on the host.
+    user_namespaces: Result<WorkerIdentity, String>,
+}
+
+/// Who the worker is on the host, which decides the ids runs can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerIdentity {
+    /// Real root: slots take ids of the host's.
+    HostRoot,
+    /// Root of a user namespace of its own that maps its uid and a subordinate range: slots
+    /// take ids of the range.
+    SubordinateIds,
+    /// Root of a user namespace of its own that maps only its uid: runs share it.
+    OwnUidOnly,
+}
+
+impl WorkerIdentity {
+    /// What the runs' user namespaces are, under a worker of this identity.
+    fn user_namespace_detail(self) -> &'static str {
+        match self {
+            Self::HostRoot => {
+                "one per run, mapping only the run's uid and gid (root and every other uid are \
+                 unmapped); the run holds no capability in it, bounding set included"
+            }
+            Self::SubordinateIds => {
+                "the worker runs without real root, as root of a user namespace of its own that \
+                 maps its uid and its subordinate ids (/etc/subuid); each run has one more \
+                 inside it, mapping only its slot's uid and gid, holding no capability"
+            }
+            Self::OwnUidOnly => {
+                "the worker runs without real root, as root of a user namespace of its own that \
+                 maps only its uid; each run has one more inside it, as uid 1000, holding no \
+                 capability (runs share the worker's uid on the host)"
+            }
+        }
+    }
 }
 
 impl Sandbox {
@@ -101,6 +135,13 @@ impl Sandbox {
         // Root of a user namespace of its own only (see
         // `namespaces::enter_own_user_namespace_unless_root`).
         let rootless = sys::is_root() && sys::in_own_user_namespace();
+        // An id a slot could take: where there is none, runs share the worker's.
+        let probe_id = idmap::own_slot_ids(namespaces::PROBE_ID, 1).map(|ids| ids.start);
+        let identity = match (rootless, probe_id) {
+            (false, _) => WorkerIdentity::HostRoot,
+            (true, Some(_)) => WorkerIdentity::SubordinateIds,
+            (true, None) => WorkerIdentity::OwnUidOnly,
+        };
         let private_mounts = probed(
             rootfs::RootView::build(runtime_dir, rootless).and_then(|view| {
                 namespaces::can_make_private_mounts(&view)?;
@@ -125,7 +166,7 @@ impl Sandbox {
             });
         let user_namespaces = match (&private_mounts, &pid_namespaces) {
             (Ok(view), Ok(pid)) => probed(
-                namespaces::can_make_user_namespaces(pid, view, rootless).map(|()| !rootless),
+                namespaces::can_make_user_namespaces(pid, view, probe_id).map(|()| identity),
                 "runs hold their uid in the host's user namespace",
                 "cannot make them",
             ),
@@ -229,17 +270,11 @@ impl Sandbox {
             ),
             (
                 "user_namespace",
-                status(self.user_namespaces.as_ref().map(|&host_root| {
-                    if host_root {
-                        "one per run, mapping only the run's uid and gid (root and every other \
-                         uid are unmapped); the run holds no capability in it, bounding set \
-                         included"
-                    } else {
-                        "the worker runs without real root, as root of a user namespace of its \
-                         own that maps only its uid; each run has one more inside it, as uid \
-                         1000, holding no capability (runs share the worker's uid on the host)"
-                    }
-                })),
+                status(
+                    self.user_namespaces
+                        .as_ref()
+                        .map(|identity| identity.user_namespace_detail()),
+                ),
             ),
             (
                 "ipc_namespace",

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use nix::sched::CloneFlags;
 
 use super::rootfs::{RootView, RUN_DIR};
-use super::sys;
+use super::{idmap, sys};
 
 /// Whether this process may make the private UTS and IPC namespaces of runs: a short-lived
 /// thread makes them for itself (namespaces belong to a thread until it forks).
@@ -190,25 +190,21 @@ pub fn can_make_pid_namespaces(pid: &PidNamespaces, view: &RootView) -> io::Resu
     )
 }
 
-/// The uid and gid the user namespace probe runs as.
-const PROBE_ID: u32 = 65_534;
+/// The uid and gid the user namespace probe runs as, where it is mapped.
+pub const PROBE_ID: u32 = 65_534;
 
 /// Whether runs can have user namespaces of their own (they need a PID namespace, for their
-/// own /proc): a short-lived `/bin/sh` enters one as a run's process would (after taking an
-/// unprivileged uid, unless the worker is `rootless`), and checks its uid map and that it
-/// holds no capability.
+/// own /proc): a short-lived `/bin/sh` enters one as a run's process would (after taking the
+/// unprivileged id `probe_id`, where slots get ids of their own), and checks its uid map and
+/// that it holds no capability.
 pub fn can_make_user_namespaces(
     pid: &PidNamespaces,
     view: &RootView,
-    rootless: bool,
+    probe_id: Option<u32>,
 ) -> io::Result<()> {
-    let (ids, map) = if rootless {
-        (None, format!("{} 0 1", sys::RUN_ID))
-    } else {
-        (
-            Some((PROBE_ID, PROBE_ID)),
-            format!("{PROBE_ID} {PROBE_ID} 1"),
-        )
+    let (ids, map) = match probe_id {
+        Some(id) => (Some((id, id)), format!("{id} {id} 1")),
+        None => (None, format!("{} 0 1", sys::RUN_ID)),
     };
     let mounts = sys::PrivateMounts::new(view.fd(), ids, 1 << 20, 0)?.with_proc(0);
     let script = format!(
@@ -228,22 +224,56 @@ pub fn can_make_user_namespaces(
 
 /// For a worker that is not root: makes it root of a user namespace of its own, where it may
 /// make the runs' namespaces and mounts without real root on the host (it keeps its own uid
-/// there, and runs get no uid of their own and no cgroups). Where the host does not allow it,
-/// the worker goes on without, with fewer layers. Call it while the process has one thread.
+/// there, and runs get no cgroups). Where the host gives its user a subordinate range of ids,
+/// that range is mapped too, and run slots get ids of their own from it (see [`idmap`]);
+/// without one, runs share the worker's uid. Where the host allows no user namespace, the
+/// worker goes on without, with fewer layers. Call it while the process has one thread.
 pub fn enter_own_user_namespace_unless_root() {
     if sys::is_root() {
         return;
     }
-    if let Err(error) = sys::become_root_of_own_user_namespace() {
-        tracing::warn!(
-            %error,
-            "not root, and no user namespace of our own: runs get no namespaces or mounts"
-        );
-        return;
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map_or_else(|| uid.to_string(), |user| user.name);
+    let subordinate = idmap::Subordinate::find(&name, uid.as_raw(), gid.as_raw());
+    let map = subordinate.as_ref().ok().map(|s| move |pid| s.map(pid));
+    let mapped = match sys::become_root_of_own_user_namespace(
+        map.as_ref().map(|m| m as &dyn Fn(i32) -> io::Result<()>),
+    ) {
+        Ok(mapped) => mapped,
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "not root, and no user namespace of our own: runs get no namespaces or mounts"
+            );
+            return;
+        }
+    };
+    match (&subordinate, mapped) {
+        (Ok(s), true) => {
+            let (uids, gids) = s.ranges();
+            tracing::info!(
+                user = %name,
+                ?uids,
+                ?gids,
+                "not root: running as root of a user namespace of our own, which maps our uid \
+                 and our subordinate ids (run slots take ids of their own from them)"
+            );
+        }
+        (Ok(_), false) => tracing::warn!(
+            user = %name,
+            "not root: our subordinate ids could not be mapped (the helpers said why above; \
+             under no_new_privs a setuid helper cannot work); runs share our uid"
+        ),
+        (Err(why), _) => tracing::info!(
+            user = %name,
+            %why,
+            "not root: running as root of a user namespace of our own, which maps only our \
+             uid (runs share it; a subordinate range would give each slot its own)"
+        ),
     }
-    tracing::info!(
-        "not root: running as root of a user namespace of our own, which maps only our uid"
-    );
     if let Err(error) = sys::continue_in_own_pid_namespace() {
         tracing::warn!(%error, "no PID namespace of our own: runs get none either");
     }

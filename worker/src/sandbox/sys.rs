@@ -678,17 +678,102 @@ pub fn in_own_user_namespace() -> bool {
         .is_ok_and(|map| map.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
 }
 
-/// Makes this process root of a new user namespace of its own, in which only its own uid and
-/// gid are mapped (to 0): there it may make namespaces and mounts without real root on the
-/// host, where it keeps its own uid. The kernel allows it only to a process with one thread.
-pub fn become_root_of_own_user_namespace() -> io::Result<()> {
-    // SAFETY: getuid and getgid cannot fail and have no memory effects.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+/// Makes this process root of a new user namespace of its own: there it may make namespaces and
+/// mounts without real root on the host, where it keeps its own uid. The kernel allows it only
+/// to a process with one thread.
+///
+/// With `map_from_outside`, a child forked before the process leaves calls it with the
+/// process's pid once it has left: from the old namespace, it may write maps that the process
+/// itself may not (a subordinate range, through the setuid helpers; see `idmap`). Where it
+/// fails, or without it, only the process's own uid and gid are mapped, to 0. Returns whether
+/// `map_from_outside` mapped the namespace.
+pub fn become_root_of_own_user_namespace(
+    map_from_outside: Option<&dyn Fn(i32) -> io::Result<()>>,
+) -> io::Result<bool> {
+    // SAFETY: getuid, getgid and getpid cannot fail and have no memory effects.
+    let (uid, gid, pid) = unsafe { (libc::getuid(), libc::getgid(), libc::getpid()) };
+    let helper = match map_from_outside {
+        Some(map) => Some(fork_outside_mapper(pid, map)?),
+        None => None,
+    };
     // SAFETY: unshare takes an integer.
-    check(unsafe { libc::unshare(libc::CLONE_NEWUSER) }.into())?;
-    std::fs::write("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
-    std::fs::write("/proc/self/setgroups", "deny")?;
-    std::fs::write("/proc/self/gid_map", format!("0 {gid} 1\n"))
+    let left = check(unsafe { libc::unshare(libc::CLONE_NEWUSER) }.into());
+    let mapped = match helper {
+        // Written or dropped, the pipe lets the helper go: it maps, or exits at once.
+        Some((go, child)) => {
+            let outcome = left.as_ref().map(|()| {
+                let _ = nix::unistd::write(&go, b"m");
+            });
+            drop(go);
+            let status = wait_exited_status(child)?;
+            outcome.is_ok() && status == 0
+        }
+        None => false,
+    };
+    left?;
+    if !mapped {
+        // The helper may have written the uid map and failed on the gid map.
+        if std::fs::read_to_string("/proc/self/uid_map")?.is_empty() {
+            std::fs::write("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
+        }
+        if std::fs::read_to_string("/proc/self/gid_map")?.is_empty() {
+            std::fs::write("/proc/self/setgroups", "deny")?;
+            std::fs::write("/proc/self/gid_map", format!("0 {gid} 1\n"))?;
+        }
+    }
+    Ok(mapped)
+}
+
+/// Forks the child of [`become_root_of_own_user_namespace`]: it waits for a byte on the pipe
+/// returned, then calls `map(pid)` and exits 0 if it succeeded; it exits at once if the pipe
+/// closes without one.
+fn fork_outside_mapper(
+    pid: i32,
+    map: &dyn Fn(i32) -> io::Result<()>,
+) -> io::Result<(OwnedFd, i32)> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "{threads} threads: a user namespace needs a process with one"
+        )));
+    }
+    let (wait, go) = pipe()?;
+    // SAFETY: the process has one thread (checked above), so the child's copy of its memory
+    // is consistent (no lock held by another thread) and it may run any code; it leaves with
+    // _exit, running no destructor of the parent's state twice.
+    let child = unsafe { libc::fork() };
+    check(child.into())?;
+    if child == 0 {
+        drop(go);
+        let mut byte = [0u8; 1];
+        let asked = matches!(nix::unistd::read(&wait, &mut byte), Ok(1));
+        let code = match asked.then(|| map(pid)) {
+            Some(Ok(())) => 0,
+            Some(Err(error)) => {
+                eprintln!("cannot map the worker's user namespace: {error}");
+                1
+            }
+            None => 2,
+        };
+        // SAFETY: _exit takes an integer and ends the process.
+        unsafe { libc::_exit(code) }
+    }
+    Ok((go, child))
+}
+
+/// Waits for child `pid` to end and returns its exit code (128 + the signal if killed).
+fn wait_exited_status(pid: i32) -> io::Result<i32> {
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is valid for waitpid to fill.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        match check(rc.into()) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(()) if libc::WIFEXITED(status) => return Ok(libc::WEXITSTATUS(status)),
+            Ok(()) => return Ok(128 + libc::WTERMSIG(status)),
+        }
+    }
 }
 
 /// Goes on in a PID namespace of this process's own, as its pid 1: the process forks, the child
