@@ -701,12 +701,12 @@ pub fn become_root_of_own_user_namespace(
     let mapped = match helper {
         // Written or dropped, the pipe lets the helper go: it maps, or exits at once.
         Some((go, child)) => {
-            let outcome = left.as_ref().map(|()| {
+            if left.is_ok() {
                 let _ = nix::unistd::write(&go, b"m");
-            });
+            }
             drop(go);
-            let status = wait_exited_status(child)?;
-            outcome.is_ok() && status == 0
+            let ended = reap(child)?.exit;
+            left.is_ok() && ended == Exit::Code(0)
         }
         None => false,
     };
@@ -759,21 +759,6 @@ fn fork_outside_mapper(
         unsafe { libc::_exit(code) }
     }
     Ok((go, child))
-}
-
-/// Waits for child `pid` to end and returns its exit code (128 + the signal if killed).
-fn wait_exited_status(pid: i32) -> io::Result<i32> {
-    loop {
-        let mut status = 0;
-        // SAFETY: `status` is valid for waitpid to fill.
-        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
-        match check(rc.into()) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-            Ok(()) if libc::WIFEXITED(status) => return Ok(libc::WEXITSTATUS(status)),
-            Ok(()) => return Ok(128 + libc::WTERMSIG(status)),
-        }
-    }
 }
 
 /// Goes on in a PID namespace of this process's own, as its pid 1: the process forks, the child
