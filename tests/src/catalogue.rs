@@ -149,6 +149,20 @@ pub fn statuses() -> Vec<Case> {
             |r| assert_eq!(r.stdout, "main\nthread\nat exit\n"),
         ),
         case(
+            "a thread pool's queued work finishes before the end",
+            "from concurrent.futures import ThreadPoolExecutor\nimport time\n\
+             pool = ThreadPoolExecutor(1)\n\
+             pool.submit(time.sleep, 0.2)\npool.submit(print, 'queued')\nprint('main')",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "main\nqueued\n"),
+        ),
+        case(
+            "threading's own exit callbacks run before the end",
+            "import threading\nthreading._register_atexit(print, 'threading exit')\nprint('main')",
+            RunStatus::Success,
+            |r| assert_eq!(r.stdout, "main\nthreading exit\n"),
+        ),
+        case(
             "sympy",
             "import sympy; print(sympy.factorint(10**10))",
             RunStatus::Success,

@@ -108,6 +108,9 @@ fn serve(
     interpreter
         .prepare(&spec.workdir)
         .map_err(|e| format!("cannot prepare the run: {e}"))?;
+    // The address space is counted from what the child has mapped (the zygote's whole heap),
+    // so the run's own allowance will come on top of it. Read now, off the request path.
+    let mapped = mapped_bytes().map_err(|e| format!("cannot read /proc/self/statm: {e}"))?;
     let report = ffi::write_ready().map_err(|e| format!("cannot report ready: {e}"))?;
 
     let mut input = Vec::new();
@@ -121,9 +124,6 @@ fn serve(
     let (header, code) = JobHeader::split(&input).ok_or("malformed job header")?;
     setrlimit(Resource::RLIMIT_CPU, header.cpu_secs, header.cpu_secs + 1)
         .map_err(|e| format!("cannot limit cpu time: {e}"))?;
-    // The address space is counted from what the child has mapped (the zygote's whole heap),
-    // so the run's own allowance comes on top of it.
-    let mapped = mapped_bytes().map_err(|e| format!("cannot read /proc/self/statm: {e}"))?;
     let address_space = mapped.saturating_add(header.address_space_bytes);
     setrlimit(Resource::RLIMIT_AS, address_space, address_space)
         .map_err(|e| format!("cannot limit the address space: {e}"))?;
