@@ -25,6 +25,13 @@ struct Api {
 
 impl Drop for Api {
     fn drop(&mut self) {
+        // The api may be a descendant of the child rather than the child itself (the init of a
+        // PID namespace under `unshare --fork`, which does not die with its parent once it has
+        // changed its uid): nothing of it may outlive the test.
+        for pid in descendants(self.child.id()).into_keys() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -95,6 +102,62 @@ async fn start_as_nobody_with_subordinate_ids(dir: &Path) -> Api {
     wait_ready(child, port).await
 }
 
+/// Where the ids of the remapped user namespace start on the host (no account has them).
+const REMAP_START: u32 = 3_000_000;
+
+/// How the remapped user namespace comes with the other namespaces.
+#[derive(Clone, Copy)]
+enum Remapped {
+    /// As a container engine makes it: with PID and mount namespaces that it owns, a procfs of
+    /// its own, and the api as its pid 1.
+    AsAContainer,
+    /// Alone: the api stays in the host's PID namespace, which its user namespace does not own.
+    Alone,
+}
+
+/// Starts the api as root of a user namespace that maps 65536 ids, 0 included, to a range of
+/// the host's, as Docker's `userns-remap` (or a Kubernetes pod with `hostUsers: false`) starts a
+/// container. `unshare` maps the range with `newuidmap` and `newgidmap`, which a private
+/// `/etc/subuid` and `/etc/subgid` (bind-mounted in a mount namespace of the test's own) let root
+/// use. `dir` holds the files and the api's work dir.
+async fn start_in_remapped_user_namespace(dir: &Path, how: Remapped) -> Api {
+    let range = format!("root:{REMAP_START}:{SUBORDINATE_COUNT}\n");
+    for file in ["subuid", "subgid"] {
+        std::fs::write(dir.join(file), &range).unwrap();
+    }
+    let work = dir.join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::os::unix::fs::chown(&work, Some(REMAP_START), Some(REMAP_START)).unwrap();
+    let port = free_port();
+    let map = format!("{REMAP_START},0,{SUBORDINATE_COUNT}");
+    let script =
+        "mount --bind \"$1/subuid\" /etc/subuid && mount --bind \"$1/subgid\" /etc/subgid \
+                  && map=$2 && shift 2 && exec unshare --user --map-users=$map --map-groups=$map \
+                  --setuid 0 --setgid 0 \"$@\"";
+    let namespaces: &[&str] = match how {
+        Remapped::AsAContainer => &["--pid", "--fork", "--mount-proc"],
+        Remapped::Alone => &[],
+    };
+    let child = api_env(&mut Command::new("unshare"), port)
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(dir)
+        .arg(map)
+        .args(namespaces)
+        .arg(binary("pyrunner-api"))
+        .env("PYRUNNER_WORK_DIR", &work)
+        .spawn()
+        .expect("start the api in a remapped user namespace");
+    wait_ready(child, port).await
+}
+
 /// The layers `api` reports, by name.
 async fn layers(api: &Api) -> serde_json::Map<String, serde_json::Value> {
     let report = get(&format!("{}/isolation", api.url)).await;
@@ -123,7 +186,7 @@ async fn assert_all_pass(api: &Api, cases: Vec<Case>) {
 }
 
 async fn wait_ready(child: Child, port: u16) -> Api {
-    let api = Api {
+    let mut api = Api {
         child,
         url: format!("http://127.0.0.1:{port}"),
     };
@@ -134,6 +197,9 @@ async fn wait_ready(child: Child, port: u16) -> Api {
             .is_ok_and(|r| r.status().is_success());
         if ready {
             return api;
+        }
+        if let Ok(Some(status)) = api.child.try_wait() {
+            panic!("the api (or what started it) exited before it got ready: {status}");
         }
         assert!(Instant::now() < deadline, "the api did not get ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -347,6 +413,87 @@ async fn without_real_root_but_with_subordinate_ids_each_slot_has_its_own_uid() 
             slot_uids.contains(&(SUBORDINATE_START + uid - 1)),
             "uid {uid} is not host uid {} in {slot_uids:?}",
             SUBORDINATE_START + uid - 1
+        );
+        inside.insert(uid);
+    }
+    assert_eq!(inside.len(), 2, "two runs at once shared a uid: {inside:?}");
+
+    assert_all_pass(&api, subordinate_cases()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_remapped_container_each_slot_has_its_own_uid_of_the_range() {
+    each_slot_has_its_own_uid_of_the_range(Remapped::AsAContainer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_remapped_user_namespace_alone_each_slot_has_its_own_uid_of_the_range() {
+    each_slot_has_its_own_uid_of_the_range(Remapped::Alone).await;
+}
+
+/// The api started as root of a remapped user namespace (`how`) has every layer but cgroups,
+/// and gives each slot an id of the range.
+async fn each_slot_has_its_own_uid_of_the_range(how: Remapped) {
+    let dir = tempfile::tempdir().unwrap();
+    let api = start_in_remapped_user_namespace(dir.path(), how).await;
+    let layers = layers(&api).await;
+    assert_layers(
+        &layers,
+        &[
+            "uid_per_slot",
+            "user_namespace",
+            "pid_namespace",
+            "landlock",
+            "seccomp",
+        ],
+        true,
+    );
+    let detail = layers["user_namespace"]["detail"].as_str().unwrap();
+    assert!(detail.contains("a container engine mapped"), "{detail}");
+    assert_layers(
+        &layers,
+        &["mount_namespace", "network_namespace", "ipc_namespace"],
+        true,
+    );
+    assert_layers(&layers, &["cgroup_memory"], false);
+
+    // On the host, the service is the range's first id (root inside), and every run's process
+    // an id of the range that it is not: inside id i is host id start + i. (`unshare` itself,
+    // the api's parent or the api before its exec, is host root and not among them.)
+    let sleeper = json!({ "code": "import os, time\nprint(os.getuid())\ntime.sleep(3)" });
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, sleeper) = (api.url.clone(), sleeper.clone());
+            tokio::spawn(async move { run(&url, &sleeper).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let on_host = descendants(api.child.id());
+    let range = REMAP_START..REMAP_START + SUBORDINATE_COUNT;
+    assert!(
+        on_host.values().all(|u| range.contains(u)),
+        "processes of the service outside its range: {on_host:?}"
+    );
+    assert!(
+        on_host.values().any(|&u| u == REMAP_START),
+        "no process of the service is the range's first id: {on_host:?}"
+    );
+    let slot_uids: BTreeSet<u32> = on_host
+        .values()
+        .copied()
+        .filter(|&u| u != REMAP_START)
+        .collect();
+    // The warm children of the eight slots wait under eight uids.
+    assert!(slot_uids.len() >= 8, "{slot_uids:?}");
+    let mut inside = BTreeSet::new();
+    for running in runs {
+        let result = running.await.unwrap();
+        assert_eq!(result.status, RunStatus::Success, "{result:#?}");
+        let uid: u32 = result.stdout.trim().parse().unwrap();
+        assert!(
+            slot_uids.contains(&(REMAP_START + uid)),
+            "uid {uid} is not host uid {} in {slot_uids:?}",
+            REMAP_START + uid
         );
         inside.insert(uid);
     }

@@ -98,8 +98,8 @@ pub struct Sandbox {
 enum WorkerIdentity {
     /// Real root: slots take ids of the host's.
     HostRoot,
-    /// Root of a user namespace of its own that maps its uid and a subordinate range: slots
-    /// take ids of the range.
+    /// Root of a user namespace (its own, or its container's) that maps its uid and a range of
+    /// other ids: slots take ids of the range.
     SubordinateIds,
     /// Root of a user namespace of its own that maps only its uid: runs share it.
     OwnUidOnly,
@@ -114,9 +114,10 @@ impl WorkerIdentity {
                  unmapped); the run holds no capability in it, bounding set included"
             }
             Self::SubordinateIds => {
-                "the worker runs without real root, as root of a user namespace of its own that \
-                 maps its uid and its subordinate ids (/etc/subuid); each run has one more \
-                 inside it, mapping only its slot's uid and gid, holding no capability"
+                "the worker runs without real root, as root of a user namespace that maps its \
+                 uid and a range of other ids (its subordinate ids from /etc/subuid, or the \
+                 range a container engine mapped); each run has one more inside it, mapping \
+                 only its slot's uid and gid, holding no capability"
             }
             Self::OwnUidOnly => {
                 "the worker runs without real root, as root of a user namespace of its own that \

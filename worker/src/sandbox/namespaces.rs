@@ -227,9 +227,24 @@ pub fn can_make_user_namespaces(
 /// there, and runs get no cgroups). Where the host gives its user a subordinate range of ids,
 /// that range is mapped too, and run slots get ids of their own from it (see [`idmap`]);
 /// without one, runs share the worker's uid. Where the host allows no user namespace, the
-/// worker goes on without, with fewer layers. Call it while the process has one thread.
+/// worker goes on without, with fewer layers.
+///
+/// A worker that is root of a user namespace it was started in (a container under Docker's
+/// `userns-remap`, a Kubernetes pod with `hostUsers: false`) stays in it, but where that user
+/// namespace does not own the PID namespace the worker is in, it goes on in a PID namespace of
+/// its own, as a worker that made its user namespace does: it could not bring its children back
+/// from the runs' PID namespaces otherwise. Call it while the process has one thread.
 pub fn enter_own_user_namespace_unless_root() {
     if sys::is_root() {
+        if sys::in_own_user_namespace() && !sys::may_return_children_to_own_pid_namespace() {
+            tracing::info!(
+                "root of a user namespace that does not own our PID namespace: going on in a \
+                 PID namespace of our own"
+            );
+            if let Err(error) = sys::continue_in_own_pid_namespace() {
+                tracing::warn!(%error, "no PID namespace of our own: runs get none either");
+            }
+        }
         return;
     }
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());

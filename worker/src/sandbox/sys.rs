@@ -6,7 +6,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::Arc;
@@ -892,6 +892,15 @@ pub fn own_pidfd() -> io::Result<OwnedFd> {
 pub fn unshare_pid_namespace() -> io::Result<()> {
     // SAFETY: unshare takes an integer.
     check(unsafe { libc::unshare(libc::CLONE_NEWPID) }.into())
+}
+
+/// Whether the calling thread may send its children to its own PID namespace (with `setns`),
+/// which it must do after making each run's: only where its user namespace holds
+/// `CAP_SYS_ADMIN` over the user namespace that owns its PID namespace. Leaves the thread's
+/// children where they were.
+pub fn may_return_children_to_own_pid_namespace() -> bool {
+    std::fs::File::open("/proc/thread-self/ns/pid")
+        .is_ok_and(|own| set_pid_namespace_for_children(own.as_fd()).is_ok())
 }
 
 /// Makes the calling thread's next children start in the PID namespace `namespace` (the
