@@ -114,10 +114,14 @@ impl Drop for RunInit {
 }
 
 impl PidNamespaces {
-    /// Opens this thread's PID namespace and this process's pidfd.
+    /// Opens this thread's PID namespace and this process's pidfd. Fails where the thread could
+    /// make a run's namespace but not send its children back to its own afterwards (its user
+    /// namespace does not own its PID namespace): its next threads would fail to start.
     pub fn open() -> io::Result<Self> {
+        let own: OwnedFd = File::open("/proc/thread-self/ns/pid")?.into();
+        sys::set_pid_namespace_for_children(own.as_fd())?;
         Ok(Self {
-            own: File::open("/proc/thread-self/ns/pid")?.into(),
+            own,
             pidfd: sys::own_pidfd()?,
         })
     }
