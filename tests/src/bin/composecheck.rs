@@ -192,6 +192,20 @@ fn check_containers(stack: &Stack) -> String {
                 Some("00000000002400e3"),
                 "{status}"
             );
+            // The replicas claim slot uids through lock files in a volume they share; the
+            // worker must be told that directory (its own default may be its work dir).
+            let env = info["Config"]["Env"].to_string();
+            let lock_dir = env
+                .split('"')
+                .find_map(|v| v.strip_prefix("PYRUNNER_SLOT_LOCK_DIR="))
+                .unwrap_or_else(|| panic!("the worker has no PYRUNNER_SLOT_LOCK_DIR: {env}"));
+            let mounts = info["Mounts"].as_array().cloned().unwrap_or_default();
+            assert!(
+                mounts
+                    .iter()
+                    .any(|m| m["Type"] == "volume" && m["Destination"] == lock_dir),
+                "the worker's slot lock directory {lock_dir} is not a shared volume: {mounts:?}"
+            );
         }
         assert!(
             options.contains("no-new-privileges"),
