@@ -344,6 +344,61 @@ fn descendants(root: u32) -> HashMap<u32, u32> {
     uids.into_iter().filter(|&(pid, _)| descends(pid)).collect()
 }
 
+/// The layers a service without real root but with a range of ids has.
+const RANGE_LAYERS: &[&str] = &[
+    "uid_per_slot",
+    "user_namespace",
+    "pid_namespace",
+    "landlock",
+    "seccomp",
+];
+
+/// Starts two runs at once that report their uid and sleep, and checks from the host, while
+/// they run: every process of `api` other than `service` holds an id of `range`; the eight warm
+/// children wait under eight of them; and each run's uid `u` is host id `to_host(u)` among
+/// them, a different one for each run. Returns every process of `api` with its host uid.
+async fn check_slot_uids_on_host(
+    api: &Api,
+    service: u32,
+    range: std::ops::Range<u32>,
+    to_host: impl Fn(u32) -> u32,
+) -> HashMap<u32, u32> {
+    let sleeper = json!({ "code": "import os, time\nprint(os.getuid())\ntime.sleep(3)" });
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, sleeper) = (api.url.clone(), sleeper.clone());
+            tokio::spawn(async move { run(&url, &sleeper).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let on_host = descendants(api.child.id());
+    let slot_uids: BTreeSet<u32> = on_host
+        .values()
+        .copied()
+        .filter(|&u| u != service)
+        .collect();
+    assert!(
+        slot_uids.iter().all(|u| range.contains(u)),
+        "processes of the service outside its range: {on_host:?}"
+    );
+    // The warm children of the eight slots wait under eight uids.
+    assert!(slot_uids.len() >= 8, "{slot_uids:?}");
+    let mut inside = BTreeSet::new();
+    for running in runs {
+        let result = running.await.unwrap();
+        assert_eq!(result.status, RunStatus::Success, "{result:#?}");
+        let uid: u32 = result.stdout.trim().parse().unwrap();
+        assert!(
+            slot_uids.contains(&to_host(uid)),
+            "uid {uid} is not host uid {} in {slot_uids:?}",
+            to_host(uid)
+        );
+        inside.insert(uid);
+    }
+    assert_eq!(inside.len(), 2, "two runs at once shared a uid: {inside:?}");
+    on_host
+}
+
 /// What a run of a service without real root but with subordinate ids must show.
 fn subordinate_cases() -> Vec<Case> {
     let mut cases = vec![
@@ -370,53 +425,19 @@ async fn without_real_root_but_with_subordinate_ids_each_slot_has_its_own_uid() 
     let dir = tempfile::tempdir().unwrap();
     let api = start_as_nobody_with_subordinate_ids(dir.path()).await;
     let layers = layers(&api).await;
-    assert_layers(
-        &layers,
-        &[
-            "uid_per_slot",
-            "user_namespace",
-            "pid_namespace",
-            "landlock",
-            "seccomp",
-        ],
-        true,
-    );
+    assert_layers(&layers, RANGE_LAYERS, true);
     let detail = layers["user_namespace"]["detail"].as_str().unwrap();
     assert!(detail.contains("subordinate ids"), "{detail}");
     assert_layers(&layers, &["cgroup_memory"], false);
 
-    // Two runs at once: each reports its uid, and on the host each is a subordinate uid of its
-    // own (inside id i is host id start + i - 1), which the service itself does not hold.
-    let sleeper = json!({ "code": "import os, time\nprint(os.getuid())\ntime.sleep(3)" });
-    let runs: Vec<_> = (0..2)
-        .map(|_| {
-            let (url, sleeper) = (api.url.clone(), sleeper.clone());
-            tokio::spawn(async move { run(&url, &sleeper).await })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let on_host = descendants(api.child.id());
-    let slot_uids: BTreeSet<u32> = on_host.values().copied().filter(|&u| u != NOBODY).collect();
-    let subordinate = SUBORDINATE_START..SUBORDINATE_START + SUBORDINATE_COUNT;
-    assert!(
-        slot_uids.iter().all(|u| subordinate.contains(u)),
-        "processes of the service outside its subordinate range: {on_host:?}"
-    );
-    // The warm children of the eight slots wait under eight uids.
-    assert!(slot_uids.len() >= 8, "{slot_uids:?}");
-    let mut inside = BTreeSet::new();
-    for running in runs {
-        let result = running.await.unwrap();
-        assert_eq!(result.status, RunStatus::Success, "{result:#?}");
-        let uid: u32 = result.stdout.trim().parse().unwrap();
-        assert!(
-            slot_uids.contains(&(SUBORDINATE_START + uid - 1)),
-            "uid {uid} is not host uid {} in {slot_uids:?}",
-            SUBORDINATE_START + uid - 1
-        );
-        inside.insert(uid);
-    }
-    assert_eq!(inside.len(), 2, "two runs at once shared a uid: {inside:?}");
+    // Inside id i is host id start + i - 1; the service itself is nobody.
+    check_slot_uids_on_host(
+        &api,
+        NOBODY,
+        SUBORDINATE_START..SUBORDINATE_START + SUBORDINATE_COUNT,
+        |uid| SUBORDINATE_START + uid - 1,
+    )
+    .await;
 
     assert_all_pass(&api, subordinate_cases()).await;
 }
@@ -437,17 +458,7 @@ async fn each_slot_has_its_own_uid_of_the_range(how: Remapped) {
     let dir = tempfile::tempdir().unwrap();
     let api = start_in_remapped_user_namespace(dir.path(), how).await;
     let layers = layers(&api).await;
-    assert_layers(
-        &layers,
-        &[
-            "uid_per_slot",
-            "user_namespace",
-            "pid_namespace",
-            "landlock",
-            "seccomp",
-        ],
-        true,
-    );
+    assert_layers(&layers, RANGE_LAYERS, true);
     let detail = layers["user_namespace"]["detail"].as_str().unwrap();
     assert!(detail.contains("a container engine mapped"), "{detail}");
     assert_layers(
@@ -457,47 +468,20 @@ async fn each_slot_has_its_own_uid_of_the_range(how: Remapped) {
     );
     assert_layers(&layers, &["cgroup_memory"], false);
 
-    // On the host, the service is the range's first id (root inside), and every run's process
-    // an id of the range that it is not: inside id i is host id start + i. (`unshare` itself,
-    // the api's parent or the api before its exec, is host root and not among them.)
-    let sleeper = json!({ "code": "import os, time\nprint(os.getuid())\ntime.sleep(3)" });
-    let runs: Vec<_> = (0..2)
-        .map(|_| {
-            let (url, sleeper) = (api.url.clone(), sleeper.clone());
-            tokio::spawn(async move { run(&url, &sleeper).await })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let on_host = descendants(api.child.id());
-    let range = REMAP_START..REMAP_START + SUBORDINATE_COUNT;
-    assert!(
-        on_host.values().all(|u| range.contains(u)),
-        "processes of the service outside its range: {on_host:?}"
-    );
+    // The service is the range's first id (root inside), which lies in the range too; inside
+    // id i is host id start + i. (`unshare` itself, the api's parent or the api before its
+    // exec, is host root and not among the service's processes.)
+    let on_host = check_slot_uids_on_host(
+        &api,
+        REMAP_START,
+        REMAP_START..REMAP_START + SUBORDINATE_COUNT,
+        |uid| REMAP_START + uid,
+    )
+    .await;
     assert!(
         on_host.values().any(|&u| u == REMAP_START),
         "no process of the service is the range's first id: {on_host:?}"
     );
-    let slot_uids: BTreeSet<u32> = on_host
-        .values()
-        .copied()
-        .filter(|&u| u != REMAP_START)
-        .collect();
-    // The warm children of the eight slots wait under eight uids.
-    assert!(slot_uids.len() >= 8, "{slot_uids:?}");
-    let mut inside = BTreeSet::new();
-    for running in runs {
-        let result = running.await.unwrap();
-        assert_eq!(result.status, RunStatus::Success, "{result:#?}");
-        let uid: u32 = result.stdout.trim().parse().unwrap();
-        assert!(
-            slot_uids.contains(&(REMAP_START + uid)),
-            "uid {uid} is not host uid {} in {slot_uids:?}",
-            REMAP_START + uid
-        );
-        inside.insert(uid);
-    }
-    assert_eq!(inside.len(), 2, "two runs at once shared a uid: {inside:?}");
 
     assert_all_pass(&api, subordinate_cases()).await;
 }

@@ -194,10 +194,12 @@ fn check_containers(stack: &Stack) -> String {
             );
             // The replicas claim slot uids through lock files in a volume they share; the
             // worker must be told that directory (its own default may be its work dir).
-            let env = info["Config"]["Env"].to_string();
+            let env = &info["Config"]["Env"];
             let lock_dir = env
-                .split('"')
-                .find_map(|v| v.strip_prefix("PYRUNNER_SLOT_LOCK_DIR="))
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find_map(|v| v.as_str()?.strip_prefix("PYRUNNER_SLOT_LOCK_DIR="))
                 .unwrap_or_else(|| panic!("the worker has no PYRUNNER_SLOT_LOCK_DIR: {env}"));
             let mounts = info["Mounts"].as_array().cloned().unwrap_or_default();
             assert!(
