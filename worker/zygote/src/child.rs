@@ -121,6 +121,9 @@ fn serve(
         // The worker let this child go without a job.
         return Ok(0);
     }
+    // The run's CPU time counts from here: the child's sandbox entry and preparation are the
+    // service's, not the run's.
+    let cpu_before_us = ffi::cpu_used_us();
     let (header, code) = JobHeader::split(&input).ok_or("malformed job header")?;
     setrlimit(Resource::RLIMIT_CPU, header.cpu_secs, header.cpu_secs + 1)
         .map_err(|e| format!("cannot limit cpu time: {e}"))?;
@@ -128,7 +131,7 @@ fn serve(
     setrlimit(Resource::RLIMIT_AS, address_space, address_space)
         .map_err(|e| format!("cannot limit the address space: {e}"))?;
     let exit = interpreter.serve(code);
-    ffi::end_run(exit, report);
+    ffi::end_run(exit, report, cpu_before_us);
     Ok(exit)
 }
 

@@ -273,23 +273,31 @@ pub fn write_ready() -> io::Result<PipeId> {
     report_identity().ok_or_else(|| io::Error::other("the report pipe is gone"))
 }
 
+/// The CPU time this process and its reaped children have used so far, in microseconds.
+pub fn cpu_used_us() -> u64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    [UsageWho::RUSAGE_SELF, UsageWho::RUSAGE_CHILDREN]
+        .into_iter()
+        .filter_map(|who| getrusage(who).ok())
+        .map(|u| {
+            let (user, system) = (u.user_time(), u.system_time());
+            (user.tv_sec() + system.tv_sec()) as u64 * 1_000_000
+                + (user.tv_usec() + system.tv_usec()) as u64
+        })
+        .sum()
+}
+
 /// Ends a run that returned `exit`: writes the end record to the report pipe (if descriptor 4
 /// still is the pipe `report`: the run may have closed it and opened a file in its place), then
 /// closes every descriptor, so that the worker sees the run's output complete before the
-/// process exits.
-pub fn end_run(exit: i32, report: PipeId) {
+/// process exits. The record's CPU time is what was used since `cpu_before_us` (taken when
+/// the job came), not the child's preparation before it.
+pub fn end_run(exit: i32, report: PipeId, cpu_before_us: u64) {
     use nix::sys::resource::{getrusage, UsageWho};
-    let ms = |u: &nix::sys::resource::Usage| {
-        let (user, system) = (u.user_time(), u.system_time());
-        (user.tv_sec() + system.tv_sec()) as u64 * 1000
-            + (user.tv_usec() + system.tv_usec()) as u64 / 1000
-    };
-    let own = getrusage(UsageWho::RUSAGE_SELF).ok();
-    let children = getrusage(UsageWho::RUSAGE_CHILDREN).ok();
     let record = EndRecord {
         exit,
-        cpu_ms: own.as_ref().map_or(0, ms) + children.as_ref().map_or(0, ms),
-        peak_rss_kb: own.map_or(0, |u| u.max_rss().max(0) as u64),
+        cpu_ms: cpu_used_us().saturating_sub(cpu_before_us) / 1000,
+        peak_rss_kb: getrusage(UsageWho::RUSAGE_SELF).map_or(0, |u| u.max_rss().max(0) as u64),
     };
     if report_identity() == Some(report) {
         // SAFETY: descriptor 4 is the run's report pipe (just checked), left open by the
