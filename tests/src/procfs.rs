@@ -95,3 +95,58 @@ pub fn peak_rss_mib(pid: u32) -> Option<f64> {
         .ok()?;
     Some(kb / 1024.0)
 }
+
+/// CPU time (user and system) of `pid`, in clock ticks: its own, and that of the children it
+/// has reaped.
+pub fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields 14 to 17 (utime, stime, cutime, cstime) are the 12th to 15th after the name.
+    let fields: Vec<u64> = stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((fields[0] + fields[1], fields[2] + fields[3]))
+}
+
+/// Every living descendant of `ancestor`.
+pub fn descendants(ancestor: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = pids()
+        .into_iter()
+        .filter_map(|pid| Some((pid, parent(pid)?)))
+        .collect();
+    let mut found = vec![ancestor];
+    let mut next = 0;
+    while next < found.len() {
+        let of = found[next];
+        found.extend(
+            parents
+                .iter()
+                .filter(|&&(_, p)| p == of)
+                .map(|&(pid, _)| pid),
+        );
+        next += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// The busy and total time of the whole machine so far, in clock ticks (`/proc/stat`; idle and
+/// I/O wait are not busy).
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let times: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = times.iter().sum();
+    Some((total - times.get(3)? - times.get(4)?, total))
+}
+
+/// Clock ticks per second, the unit of [`cpu_ticks`] and [`machine_ticks`]: Linux gives these
+/// times in `USER_HZ`, which is 100 on x86-64 and arm64.
+pub const TICKS_PER_SECOND: u64 = 100;

@@ -58,8 +58,9 @@ async fn latency(url: &str, code: &str, requests: usize, gap: Duration) -> [f64;
     [0.5, 0.95, 0.99].map(|p| percentile(&times, p))
 }
 
-/// Runs per second and errors of up to `total` runs of `pass` from concurrent clients.
-async fn throughput(url: &str, total: usize) -> (f64, usize) {
+/// Runs per second, errors and successful runs of up to `total` runs of `pass` from concurrent
+/// clients.
+async fn throughput(url: &str, total: usize) -> (f64, usize, usize) {
     let started = Instant::now();
     let clients: Vec<_> = (0..CONCURRENT_CLIENTS)
         .map(|_| {
@@ -98,7 +99,68 @@ async fn throughput(url: &str, total: usize) -> (f64, usize) {
         done += d;
         errors += e;
     }
-    (done as f64 / started.elapsed().as_secs_f64(), errors)
+    (done as f64 / started.elapsed().as_secs_f64(), errors, done)
+}
+
+/// The parts of a fleet whose CPU time the throughput row accounts for, in the order of
+/// [`cpu_snapshot`]'s figures.
+const CPU_PARTS: [&str; 7] = [
+    "broker (RabbitMQ's `beam.smp`)",
+    "store (`redis-server`)",
+    "api",
+    "worker (its own threads)",
+    "runs: the zygote and its children, or the fresh interpreters",
+    "the benchmark's 8 clients",
+    "the whole machine, busy",
+];
+
+/// CPU time used so far by each part of `fleet` on this host, in ms (see [`CPU_PARTS`]). The
+/// broker and the store are counted whole: nothing else uses them while the benchmark runs.
+fn cpu_snapshot(fleet: &mut Fleet) -> [f64; 7] {
+    use pyrunner_tests::procfs::{
+        comm, cpu_ticks, descendants, machine_ticks, pids, TICKS_PER_SECOND,
+    };
+    let ms = |ticks: u64| (ticks * 1000 / TICKS_PER_SECOND) as f64;
+    let own = |pid: u32| cpu_ticks(pid).map_or(0, |(own, _)| own);
+    let named = |name: &str| -> u64 {
+        pids()
+            .into_iter()
+            .filter(|&pid| comm(pid).as_deref() == Some(name))
+            .map(own)
+            .sum()
+    };
+    let fleet_pids = fleet.pids();
+    let part = |name: &str| {
+        fleet_pids
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, pid)| pid)
+            .expect("the fleet's process runs")
+    };
+    let (api, worker) = (part("api"), part("worker-0"));
+    // A run's processes are the worker's descendants, alive or reaped: reaped ones count in
+    // their parent's reaped time, once the parent has waited for them.
+    let runs = cpu_ticks(worker).map_or(0, |(_, reaped)| reaped)
+        + descendants(worker)
+            .into_iter()
+            .filter_map(cpu_ticks)
+            .map(|(own, reaped)| own + reaped)
+            .sum::<u64>();
+    let client =
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+            let us =
+                |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+            us(u.user_time()) + us(u.system_time())
+        });
+    [
+        ms(named("beam.smp")),
+        ms(named("redis-server")),
+        ms(own(api)),
+        ms(own(worker)),
+        ms(runs),
+        client,
+        ms(machine_ticks().map_or(0, |(busy, _)| busy)),
+    ]
 }
 
 /// Median time from starting a worker until it consumes (its runtime check done), in ms.
@@ -174,6 +236,8 @@ fn bare_interpreter(code: &str, requests: usize) -> [f64; 3] {
 struct Figures {
     shown: BTreeMap<&'static str, String>,
     value: BTreeMap<&'static str, f64>,
+    /// CPU time per run of each part of the fleet in the throughput row, in ms.
+    cpu: Vec<(&'static str, f64)>,
 }
 
 impl Figures {
@@ -202,12 +266,25 @@ async fn measure(env: &[(&str, &str)], requests: usize) -> Figures {
             latency(&fleet.url, code, requests, Duration::ZERO).await,
         );
     }
-    let (rate, errors) = throughput(&fleet.url, CONCURRENT_CLIENTS * requests).await;
+    let before = cpu_snapshot(&mut fleet);
+    let started = Instant::now();
+    let (rate, errors, done) = throughput(&fleet.url, CONCURRENT_CLIENTS * requests).await;
+    let elapsed = started.elapsed();
+    let after = cpu_snapshot(&mut fleet);
     f.single(
         "4 `pass`, 8 clients, fleet, runs/s (errors)",
         format!("{rate:.0} ({errors})"),
         rate,
     );
+    let per_run = |ms: f64| ms / done.max(1) as f64;
+    for (i, part) in CPU_PARTS.iter().enumerate() {
+        f.cpu.push((part, per_run(after[i] - before[i])));
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    f.cpu.push((
+        "the machine's cores, elapsed time × cores",
+        per_run(elapsed.as_secs_f64() * 1e3 * cores as f64),
+    ));
     // Idle by now: every slot holds a warm child waiting for its job.
     tokio::time::sleep(Duration::from_millis(500)).await;
     if let Some(uss) = idle_warm_child_uss() {
@@ -405,6 +482,18 @@ async fn main() {
         "\n{requests} sequential requests per latency row; the throughput row sends at most {} requests.",
         CONCURRENT_CLIENTS * requests
     );
+    println!(
+        "\n| CPU time per `pass` run in the throughput row, ms | {} |\n|---|{}|",
+        names.join(" | "),
+        vec!["---:"; results.len()].join("|")
+    );
+    for (i, (part, _)) in results[0].1.cpu.iter().enumerate() {
+        let cells: Vec<String> = results
+            .iter()
+            .map(|(_, f)| format!("{:.2}", f.cpu[i].1))
+            .collect();
+        println!("| {part} | {} |", cells.join(" | "));
+    }
     eprintln!("measuring the parts of a run ...");
     println!("\n| part of a `pass` run through the fleet (zygote) | p50 ms |\n|---|---:|");
     for (part, ms) in profile(requests).await {
