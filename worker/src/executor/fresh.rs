@@ -132,7 +132,8 @@ impl Executor {
 
     fn command(&self, workdir: &RunDir, with_stdin: bool) -> Command {
         let mut command = Command::new(self.runtime.python());
-        command.arg("-I").arg("-B").arg("-c").arg(HARNESS);
+        // UTF-8 mode: UTF-8 streams and files even where the host has no C.UTF-8 locale.
+        command.args(["-I", "-B", "-X", "utf8", "-c"]).arg(HARNESS);
         // A directory of the run's own is mounted, and entered, as it enters its sandbox.
         if let Some(dir) = workdir.host_path() {
             command.current_dir(dir);

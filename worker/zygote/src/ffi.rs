@@ -85,13 +85,15 @@ impl Interpreter {
         // cleared after Py_InitializeFromConfig copied it; the strings passed are NUL-terminated
         // and outlive the calls. This runs once, on the zygote's only thread.
         unsafe {
-            // As `python -I` does: isolated, but with the locale (LC_CTYPE) of the environment,
-            // which gives UTF-8 standard streams under the runs' C.UTF-8.
+            // As `python -I -X utf8` does: isolated, with the locale (LC_CTYPE) of the
+            // environment (the runs' C.UTF-8), and in UTF-8 mode, so that the standard streams
+            // and files are UTF-8 even where the host has no C.UTF-8 locale to load.
             libc::setlocale(libc::LC_CTYPE, c"".as_ptr());
             let mut preconfig = std::mem::MaybeUninit::<ffi::PyPreConfig>::uninit();
             ffi::PyPreConfig_InitIsolatedConfig(preconfig.as_mut_ptr());
             let mut preconfig = preconfig.assume_init();
             preconfig.configure_locale = 1;
+            preconfig.utf8_mode = 1;
             let status = ffi::Py_PreInitialize(&preconfig);
             if ffi::PyStatus_Exception(status) != 0 {
                 return Err(init_error(status_message(&status)));
