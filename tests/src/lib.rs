@@ -3,6 +3,7 @@
 
 pub mod callers;
 pub mod catalogue;
+pub mod checks;
 pub mod fleet;
 pub mod http;
 pub mod outage;

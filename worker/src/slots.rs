@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
-use crate::sandbox::cgroup::{CgroupError, CgroupLimits, SlotCgroups};
+use crate::sandbox::cgroup::{self, CgroupError, CgroupLimits, SlotCgroups};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How many uids past the base are tried when claiming slot uids.
@@ -111,7 +111,7 @@ impl SlotPool {
         lock_dir: &Path,
         limits: Option<CgroupLimits>,
     ) -> Result<Self, SlotError> {
-        let cgroup_limit = limits.filter(|_| SlotCgroups::available());
+        let cgroup_limit = limits.filter(|_| cgroup::available());
         own_lock_dir(lock_dir)?;
         let mut states = Vec::new();
         for uid in uids.clone() {
@@ -160,6 +160,17 @@ impl SlotPool {
     /// Whether runs get cgroups of their own.
     pub fn has_cgroups(&self) -> bool {
         self.states.iter().all(|s| s.cgroups.is_some())
+    }
+
+    /// What the slots' cgroups are, where every slot has them.
+    pub fn cgroups_described(&self) -> Option<String> {
+        if !self.has_cgroups() {
+            return None;
+        }
+        self.states
+            .first()
+            .and_then(|s| s.cgroups.as_ref())
+            .map(SlotCgroups::describe)
     }
 
     /// The CPU quota of every slot, in cores, where all of them have one.

@@ -16,8 +16,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use pyrunner_shared::RunStatus;
-use pyrunner_tests::catalogue::{hostile, statuses, Case};
-use pyrunner_tests::http::{get, poll_done, run, run_cases, send, submit, wait_state};
+use pyrunner_tests::catalogue::{hostile, statuses};
+use pyrunner_tests::checks::{all_pass, wait_ready, Report};
+use pyrunner_tests::http::{get, poll_done, run, send, submit, wait_state};
 use serde_json::{json, Value};
 
 /// The compose project: containers, network and volume names start with it.
@@ -87,7 +88,7 @@ async fn check(stack: &Stack, report: &mut Report) {
     });
     let base = stack.base_url();
     let started = Instant::now();
-    wait_ready(&base).await;
+    wait_ready(&base, Duration::from_secs(60)).await;
     let isolation = check_isolation(&base, stack).await;
     report.add("the workers' isolation layers", started, isolation);
 
@@ -114,16 +115,6 @@ async fn check(stack: &Stack, report: &mut Report) {
     let started = Instant::now();
     let detail = worker_killed_mid_run(&base, stack).await;
     report.add("a worker container killed mid-run", started, detail);
-}
-
-/// Runs a catalogue through the api's `POST /run`; panics with every case that failed.
-async fn all_pass(base: &str, cases: Vec<Case>, catalogue: &str) {
-    let failures = run_cases(base, cases).await;
-    assert!(
-        failures.is_empty(),
-        "{catalogue} cases failed:\n{}",
-        failures.join("\n")
-    );
 }
 
 /// The built images: size, init, healthcheck and user.
@@ -228,22 +219,6 @@ fn check_containers(stack: &Stack) -> String {
     }
     "only the api published, on 127.0.0.1; read-only api; worker: 7 capabilities; all healthy"
         .to_owned()
-}
-
-/// Waits until the api answers `/readyz` with 200.
-async fn wait_ready(base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = reqwest::get(format!("{base}/readyz")).await;
-        if ready.is_ok_and(|r| r.status() == 200) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{base}/readyz is not 200 after 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Each worker logs the layers its runs get; `/isolation` reports them. Inside Docker with the
@@ -562,35 +537,4 @@ fn bounded(mut cmd: Command, within: Duration) -> Output {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The table printed at the end: each check, its time and what it found.
-#[derive(Default)]
-struct Report {
-    rows: Vec<(String, Duration, String)>,
-}
-
-impl Report {
-    fn add(&mut self, check: &str, started: Instant, detail: String) {
-        println!(
-            "ok  {check} ({:.1} s) {detail}",
-            started.elapsed().as_secs_f64()
-        );
-        self.rows
-            .push((check.to_owned(), started.elapsed(), detail));
-    }
-
-    fn timed(&mut self, check: &str, f: impl FnOnce() -> String) {
-        let started = Instant::now();
-        println!("..  {check}");
-        let detail = f();
-        self.add(check, started, detail);
-    }
-
-    fn print(&self) {
-        println!("\n| check | time | result |\n|---|---:|---|");
-        for (check, took, detail) in &self.rows {
-            println!("| {check} | {:.1} s | {detail} |", took.as_secs_f64());
-        }
-    }
 }

@@ -29,7 +29,7 @@ impl Executor {
         let (code_read, code_write) = sys::pipe().map_err(ExecError::Pipe)?;
         let (report_read, report_write) = sys::pipe().map_err(ExecError::Pipe)?;
 
-        let oom_kills_before = slot
+        let watch = slot
             .cgroups()
             .map(|c| c.prepare(job.limits.memory_bytes()))
             .transpose()?;
@@ -87,7 +87,8 @@ impl Executor {
             .await
             .expect("reap does not panic");
         let cleanup_started = Instant::now();
-        if let Some(uid) = slot.uid() {
+        let killed = slot.cgroups().is_some_and(|c| c.is_empty() || c.kill());
+        if let Some(uid) = slot.uid().filter(|_| !killed) {
             if let Err(error) = sys::kill_all_of_uid(uid) {
                 tracing::warn!(uid, %error, "cannot kill the processes left by a run");
             }
@@ -96,8 +97,8 @@ impl Executor {
         let reaped = reaped.map_err(|source| ExecError::Wait { pid, source })?;
         let usage = slot
             .cgroups()
-            .zip(oom_kills_before)
-            .map(|(c, before)| c.usage(before))
+            .zip(watch)
+            .map(|(c, watch)| c.usage(watch))
             .unwrap_or_default();
         drop(child);
         for writer in writers.into_iter().flatten() {
@@ -122,7 +123,7 @@ impl Executor {
             cancelled,
             oom_killed: usage.oom_killed,
             cpu_ms: reaped.cpu_ms,
-            peak_memory_kb: reaped.peak_rss_kb.max(usage.peak_kb),
+            peak_memory_kb: reaped.peak_rss_kb.max(usage.peak_kb.unwrap_or(0)),
             duration,
             stdout,
             stderr,

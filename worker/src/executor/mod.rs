@@ -25,7 +25,7 @@ use pyrunner_shared::isolation::{self, IsolationReport, LayerStatus};
 
 use crate::classify::{self, HarnessReport, Observation};
 use crate::runtime::PythonRuntime;
-use crate::sandbox::{rlimits, sys, Sandbox};
+use crate::sandbox::{cgroup, rlimits, sys, Sandbox};
 use crate::slots::{Slot, SlotPool};
 use crate::warm_pool::{WarmError, WarmPool};
 
@@ -247,12 +247,13 @@ impl Executor {
                 )
             },
         );
-        let cgroups = if self.slots.has_cgroups() {
-            LayerStatus::active("cgroup v1, one per slot")
-        } else {
-            LayerStatus::inactive(
-                "no writable cgroup v1 memory and pids hierarchies, or the worker is not root",
-            )
+        let cgroups = match self.slots.cgroups_described() {
+            Some(described) => LayerStatus::active(described),
+            None => LayerStatus::inactive(
+                cgroup::unavailable_reason()
+                    .unwrap_or("the worker is not the host's root")
+                    .to_owned(),
+            ),
         };
         set("cgroup_memory", cgroups.clone());
         set("cgroup_pids", cgroups);
@@ -260,12 +261,12 @@ impl Executor {
             "cgroup_cpu",
             match self.slots.cpu_quota() {
                 Some(cpus) => LayerStatus::active(format!(
-                    "cgroup v1, one per slot: a run's processes together use at most {cpus} \
-                     cores"
+                    "a run's processes together use at most {cpus} cores ({})",
+                    self.slots.cgroups_described().unwrap_or_default()
                 )),
                 None => LayerStatus::inactive(
-                    "no quota asked for (PYRUNNER_CPUS_PER_RUN=0), no writable cgroup v1 cpu \
-                     hierarchy, or the worker is not root",
+                    "no quota asked for (PYRUNNER_CPUS_PER_RUN=0), no cpu controller for the \
+                     slots (none writable in cgroup v1, none delegated in v2), or no cgroups",
                 ),
             },
         );

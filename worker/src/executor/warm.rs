@@ -53,7 +53,7 @@ impl Executor {
                 return Err(error.into());
             }
         };
-        let oom_kills_before = match slot
+        let watch = match slot
             .cgroups()
             .map(|c| c.prepare(job.limits.memory_bytes()))
             .transpose()
@@ -149,8 +149,8 @@ impl Executor {
         };
         let usage = slot
             .cgroups()
-            .zip(oom_kills_before)
-            .map(|(c, before)| c.usage(before))
+            .zip(watch)
+            .map(|(c, watch)| c.usage(watch))
             .unwrap_or_default();
         let stdout = stdout.finish().await;
         let stderr = stderr.finish().await;
@@ -165,11 +165,7 @@ impl Executor {
         );
         // The child's resident set counts the zygote's pages it shares; the slot's memory
         // cgroup counts only what the run itself touched, so it is the better figure.
-        let peak_memory_kb = if slot.cgroups().is_some() {
-            usage.peak_kb
-        } else {
-            ended.peak_rss_kb
-        };
+        let peak_memory_kb = usage.peak_kb.unwrap_or(ended.peak_rss_kb);
         // A child that ended with its record is still exiting; the clean-up waits for it (and
         // kills it if the record came from the run's own code and the process goes on).
         let exiting = match handle.try_exited() {
@@ -213,8 +209,9 @@ impl Executor {
                     let _ = tokio::time::timeout(EXIT_WAIT, child.exited()).await;
                 }
             }
-            // With a pids cgroup, an empty one proves that nothing was left behind.
-            let leftovers = slot.cgroups().is_none_or(|c| !c.is_empty());
+            // With cgroups, an empty group proves that nothing was left behind; what is left,
+            // cgroup v2 kills at once, else every process of the slot's uid is looked for.
+            let leftovers = slot.cgroups().is_none_or(|c| !c.is_empty() && !c.kill());
             let kill = slot.uid().filter(|_| leftovers);
             let empty_dir = workdir
                 .as_ref()

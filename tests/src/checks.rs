@@ -1,0 +1,67 @@
+//! What the check programs (`composecheck`, `cgroupcheck`) share: waiting for an api, running a
+//! catalogue through it, and the table of checks they print.
+
+use std::time::{Duration, Instant};
+
+use crate::catalogue::Case;
+use crate::http::run_cases;
+
+/// Waits until `base`'s `/readyz` answers 200; panics after `within`.
+pub async fn wait_ready(base: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let ready = reqwest::get(format!("{base}/readyz")).await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{base}/readyz is not 200 after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Runs a catalogue through the api's `POST /run`; panics with every case that failed.
+pub async fn all_pass(base: &str, cases: Vec<Case>, catalogue: &str) {
+    let failures = run_cases(base, cases).await;
+    assert!(
+        failures.is_empty(),
+        "{catalogue} cases failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// The table printed at the end: each check, its time and what it found.
+#[derive(Default)]
+pub struct Report {
+    rows: Vec<(String, Duration, String)>,
+}
+
+impl Report {
+    /// Records a check that passed, started at `started`, and prints it at once.
+    pub fn add(&mut self, check: &str, started: Instant, detail: String) {
+        println!(
+            "ok  {check} ({:.1} s) {detail}",
+            started.elapsed().as_secs_f64()
+        );
+        self.rows
+            .push((check.to_owned(), started.elapsed(), detail));
+    }
+
+    /// Runs and records a check that returns what it found (it panics if it fails).
+    pub fn timed(&mut self, check: &str, f: impl FnOnce() -> String) {
+        let started = Instant::now();
+        println!("..  {check}");
+        let detail = f();
+        self.add(check, started, detail);
+    }
+
+    /// Prints the table.
+    pub fn print(&self) {
+        println!("\n| check | time | result |\n|---|---:|---|");
+        for (check, took, detail) in &self.rows {
+            println!("| {check} | {:.1} s | {detail} |", took.as_secs_f64());
+        }
+    }
+}

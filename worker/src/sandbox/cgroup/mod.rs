@@ -1,0 +1,255 @@
+//! Per-slot control groups: memory, pids and, where the host has the controller, cpu, for each
+//! run slot, so that a run's limits hold for all of its processes together (rlimits hold per
+//! process only: a run forking 64 processes could otherwise use 64 times its memory limit), and
+//! a run's processes and threads together use at most so many cores.
+//!
+//! Two hierarchies, whichever holds the host's limit controllers: cgroup v1 (`v1`), where a
+//! hybrid host keeps them, else cgroup v2 (`v2`), the unified hierarchy of current hosts. The
+//! child joins its slot's groups between fork and exec, by writing `0` (itself) to each
+//! `cgroup.procs`. A slot's groups are reused run after run: the memory limit is set and the peak
+//! counter reset before each run.
+
+mod v1;
+mod v2;
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use thiserror::Error;
+
+/// A cgroup operation failed.
+#[derive(Debug, Error)]
+pub enum CgroupError {
+    #[error("cannot create cgroup {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot write {value} to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        source: io::Error,
+    },
+}
+
+/// The period of the CPU quota, in microseconds: the kernel's default, short enough that a run
+/// over its quota waits at most this long.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The quota of `cpus` cores per [`CPU_PERIOD_US`], in microseconds (the kernel's least is 1 ms).
+fn cpu_quota_us(cpus: f64) -> u64 {
+    ((cpus * CPU_PERIOD_US as f64) as u64).max(1000)
+}
+
+/// What a slot's cgroups limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CgroupLimits {
+    /// Most processes and threads of a run.
+    pub max_processes: u64,
+    /// Most cores a run's processes may use together; `None` for no quota.
+    pub cpus: Option<f64>,
+}
+
+/// What a run's cgroup saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CgroupUsage {
+    /// The kernel killed a process of the run for exceeding the memory limit.
+    pub oom_killed: bool,
+    /// Highest memory use of the whole run (all processes, page cache included), in KiB, where
+    /// the kernel can count it per run.
+    pub peak_kb: Option<u64>,
+}
+
+/// What [`SlotCgroups::usage`] compares a run's end with, taken as the run starts.
+#[derive(Debug)]
+pub struct RunWatch {
+    oom_kills_before: u64,
+    /// v2: `memory.peak`, reset for the run through this descriptor.
+    peak: Option<File>,
+}
+
+/// The cgroup version whose hierarchies hold the slots' groups on this host.
+#[derive(Debug)]
+enum Hierarchy {
+    V1,
+    V2(v2::Base),
+}
+
+/// The hierarchy found at the first call of [`hierarchy`], or why there is none.
+static FOUND: OnceLock<Result<Hierarchy, String>> = OnceLock::new();
+
+/// The hierarchy for the slots' groups, looked for once: making a place in the v2 hierarchy may
+/// move the process (see `v2`).
+fn hierarchy() -> Result<&'static Hierarchy, &'static str> {
+    FOUND
+        .get_or_init(|| {
+            if v1::available() {
+                return Ok(Hierarchy::V1);
+            }
+            v2::Base::set_up()
+                .map(Hierarchy::V2)
+                .map_err(|v2| format!("no writable cgroup v1 memory and pids hierarchies; {v2}"))
+        })
+        .as_ref()
+        .map_err(String::as_str)
+}
+
+/// Whether this host has a hierarchy for the slots' groups. The first call as root may move the
+/// process to a leaf group of the v2 hierarchy (see `v2`).
+pub fn available() -> bool {
+    hierarchy().is_ok()
+}
+
+/// Why the slots get no cgroups, if [`available`] found no hierarchy; `None` if it found one, or
+/// was never asked (the worker is not the host's root).
+pub fn unavailable_reason() -> Option<&'static str> {
+    FOUND
+        .get()
+        .and_then(|found| found.as_ref().err())
+        .map(String::as_str)
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(|source| CgroupError::Write {
+        path: path.to_path_buf(),
+        value: value.to_owned(),
+        source,
+    })
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The value of the line `name N` of a flat keyed cgroup file (`memory.events`,
+/// `memory.oom_control`, `cgroup.events`).
+fn counter(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
+/// The groups of one slot.
+#[derive(Debug)]
+pub struct SlotCgroups(Groups);
+
+#[derive(Debug)]
+enum Groups {
+    V1(v1::SlotGroups),
+    V2(v2::SlotGroup),
+}
+
+impl SlotCgroups {
+    /// Creates (or reuses) the groups of the slot with `uid`, with `limits`, in the hierarchy
+    /// [`available`] found.
+    pub fn create(uid: u32, limits: CgroupLimits) -> Result<Self, CgroupError> {
+        let name = format!("uid-{uid}");
+        match hierarchy() {
+            Ok(Hierarchy::V1) => v1::SlotGroups::create(&name, limits).map(Groups::V1),
+            Ok(Hierarchy::V2(base)) => v2::SlotGroup::create(base, &name, limits).map(Groups::V2),
+            Err(reason) => Err(CgroupError::Create {
+                path: PathBuf::from(&name),
+                source: io::Error::other(reason),
+            }),
+        }
+        .map(Self)
+    }
+
+    /// Which cgroup version the groups are, and where, for the isolation report.
+    pub fn describe(&self) -> String {
+        match (&self.0, hierarchy()) {
+            (Groups::V2(_), Ok(Hierarchy::V2(base))) => {
+                format!("cgroup v2, one group per slot in {}", base.dir().display())
+            }
+            _ => "cgroup v1, one group per slot and controller".to_owned(),
+        }
+    }
+
+    /// The `cgroup.procs` files a child writes itself into, as C strings ready before fork.
+    pub fn procs_files(&self) -> Vec<CString> {
+        self.procs_paths()
+            .iter()
+            .map(|path| {
+                CString::new(path.as_os_str().as_bytes()).expect("cgroup paths have no NUL byte")
+            })
+            .collect()
+    }
+
+    /// The `cgroup.procs` files to join, as paths.
+    pub fn procs_paths(&self) -> Vec<PathBuf> {
+        match &self.0 {
+            Groups::V1(groups) => groups.procs_paths(),
+            Groups::V2(group) => vec![group.procs_path()],
+        }
+    }
+
+    /// The CPU quota of the slot, in cores, if it has one.
+    pub fn cpu_quota(&self) -> Option<f64> {
+        match &self.0 {
+            Groups::V1(groups) => groups.cpu_quota(),
+            Groups::V2(group) => group.cpu_quota(),
+        }
+    }
+
+    /// Whether no process is left in the slot.
+    pub fn is_empty(&self) -> bool {
+        match &self.0 {
+            Groups::V1(groups) => groups.is_empty(),
+            Groups::V2(group) => group.is_empty(),
+        }
+    }
+
+    /// Kills every process left in the slot at once, where the hierarchy can (cgroup v2);
+    /// false where the caller must find them another way.
+    pub fn kill(&self) -> bool {
+        match &self.0 {
+            Groups::V1(_) => false,
+            Groups::V2(group) => group.kill(),
+        }
+    }
+
+    /// Sets the memory limit of the next run and starts watching it: its peak, and its OOM
+    /// kills.
+    pub fn prepare(&self, memory_bytes: u64) -> Result<RunWatch, CgroupError> {
+        match &self.0 {
+            Groups::V1(groups) => groups.prepare(memory_bytes),
+            Groups::V2(group) => group.prepare(memory_bytes),
+        }
+    }
+
+    /// What the run watched since [`prepare`](Self::prepare) did.
+    pub fn usage(&self, mut watch: RunWatch) -> CgroupUsage {
+        match &self.0 {
+            Groups::V1(groups) => groups.usage(&watch),
+            Groups::V2(group) => group.usage(&mut watch),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_flat_keyed_counters() {
+        let events = "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(counter(events, "oom_kill"), Some(2));
+        assert_eq!(counter(events, "oom"), Some(3));
+        assert_eq!(counter(events, "missing"), None);
+        assert_eq!(counter("populated 0\nfrozen 0\n", "populated"), Some(0));
+        assert_eq!(
+            counter("oom_kill_disable 0\nunder_oom 0\noom_kill 7\n", "oom_kill"),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn the_cpu_quota_has_the_kernel_s_floor() {
+        assert_eq!(cpu_quota_us(1.0), 100_000);
+        assert_eq!(cpu_quota_us(0.5), 50_000);
+        assert_eq!(cpu_quota_us(0.001), 1000);
+    }
+}
