@@ -231,6 +231,36 @@ fn bare_interpreter(code: &str, requests: usize) -> [f64; 3] {
     [0.5, 0.95, 0.99].map(|p| percentile(&times, p))
 }
 
+/// What a run's fork costs at the least: the runtime's interpreter with the default preload
+/// set imported and its heap frozen, forking a child that exits at once, `forks` times. Returns
+/// the CPU time (parent and children) per fork, in ms. No sandbox, no Python work in the child.
+fn bare_fork(forks: usize) -> f64 {
+    let runtime = pyrunner_tests::runtime_dir();
+    let script = format!(
+        "import gc, os\n\
+         import numpy, numpy.random, sympy\n\
+         gc.collect(); gc.freeze()\n\
+         def fork():\n    pid = os.fork()\n    if pid == 0: os._exit(0)\n    os.waitpid(pid, 0)\n\
+         for _ in range(20): fork()\n\
+         t = os.times()\n\
+         for _ in range({forks}): fork()\n\
+         u = os.times()\n\
+         print(sum(u[:4]) - sum(t[:4]))"
+    );
+    let out = std::process::Command::new(runtime.join("venv/bin/python3"))
+        .args(["-I", "-B", "-c", &script])
+        .env("LD_LIBRARY_PATH", runtime.join("python/lib"))
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .output()
+        .expect("the runtime's python starts");
+    assert!(out.status.success(), "{out:?}");
+    let secs: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("CPU seconds");
+    secs * 1e3 / forks as f64
+}
+
 /// One executor's figures: as shown, and the number each ratio is taken of.
 #[derive(Default)]
 struct Figures {
@@ -494,6 +524,11 @@ async fn main() {
             .collect();
         println!("| {part} | {} |", cells.join(" | "));
     }
+    println!(
+        "\nFor reference, a bare fork of the preloaded interpreter (numpy, numpy.random, sympy; \
+         `os.fork`, `os._exit(0)`, `waitpid`; no sandbox): {:.2} ms of CPU per fork (500 forks).",
+        bare_fork(500)
+    );
     eprintln!("measuring the parts of a run ...");
     println!("\n| part of a `pass` run through the fleet (zygote) | p50 ms |\n|---|---:|");
     for (part, ms) in profile(requests).await {
