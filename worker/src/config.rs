@@ -174,16 +174,16 @@ impl ExecutorArgs {
                 .max(self.concurrency()),
         };
         let base = self.sandbox_uid_base;
+        let limits = CgroupLimits {
+            max_processes: self.max_processes,
+            cpus: (self.cpus_per_run > 0.0).then_some(self.cpus_per_run),
+        };
         let slot_uids = if sandbox::sys::is_host_root() {
-            let limits = CgroupLimits {
-                max_processes: self.max_processes,
-                cpus: (self.cpus_per_run > 0.0).then_some(self.cpus_per_run),
-            };
             Some((base..base.saturating_add(UID_RANGE), Some(limits)))
         } else if sandbox::sys::is_root() {
             // Root of a user namespace of its own: ids of a subordinate range, if it maps one,
-            // and no cgroups.
-            idmap::own_slot_ids(base, UID_RANGE).map(|uids| (uids, None))
+            // and cgroups where a cgroup v2 group is delegated to its user.
+            idmap::own_slot_ids(base, UID_RANGE).map(|uids| (uids, Some(limits)))
         } else {
             None
         };

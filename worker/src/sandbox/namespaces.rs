@@ -24,7 +24,7 @@ use std::sync::Arc;
 use nix::sched::CloneFlags;
 
 use super::rootfs::{RootView, RUN_DIR};
-use super::{idmap, sys};
+use super::{cgroup, idmap, sys};
 
 /// Whether this process may make the private UTS and IPC namespaces of runs: a short-lived
 /// thread makes them for itself (namespaces belong to a thread until it forks).
@@ -228,7 +228,7 @@ pub fn can_make_user_namespaces(
 
 /// For a worker that is not root: makes it root of a user namespace of its own, where it may
 /// make the runs' namespaces and mounts without real root on the host (it keeps its own uid
-/// there, and runs get no cgroups). Where the host gives its user a subordinate range of ids,
+/// there, and runs get cgroups only in a cgroup v2 group delegated to its user). Where the host gives its user a subordinate range of ids,
 /// that range is mapped too, and run slots get ids of their own from it (see [`idmap`]);
 /// without one, runs share the worker's uid. Where the host allows no user namespace, the
 /// worker goes on without, with fewer layers.
@@ -241,6 +241,7 @@ pub fn can_make_user_namespaces(
 pub fn enter_own_user_namespace_unless_root() {
     if sys::is_root() {
         if sys::in_own_user_namespace() && !sys::may_return_children_to_own_pid_namespace() {
+            cgroup::look_for_hierarchy_early();
             tracing::info!(
                 "root of a user namespace that does not own our PID namespace: going on in a \
                  PID namespace of our own"
@@ -251,6 +252,8 @@ pub fn enter_own_user_namespace_unless_root() {
         }
         return;
     }
+    // As the user, whose delegated cgroup v2 group (if any) the slots' groups go in.
+    cgroup::look_for_hierarchy_early();
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
     let name = nix::unistd::User::from_uid(uid)
         .ok()

@@ -102,6 +102,17 @@ pub fn available() -> bool {
     hierarchy().is_ok()
 }
 
+/// Looks for the hierarchy now, before the process leaves for a PID namespace of its own: in a
+/// group delegated to it, the worker moves every process of the group to a leaf first, and from
+/// inside another PID namespace the processes left outside it are listed as pid 0, which cannot
+/// be moved. Logs what it found.
+pub fn look_for_hierarchy_early() {
+    match hierarchy() {
+        Ok(found) => tracing::info!(?found, "cgroups for the run slots"),
+        Err(why) => tracing::info!(%why, "no cgroups for the run slots"),
+    }
+}
+
 /// Why the slots get no cgroups, if [`available`] found no hierarchy; `None` if it found one, or
 /// was never asked (the worker is not the host's root).
 pub fn unavailable_reason() -> Option<&'static str> {

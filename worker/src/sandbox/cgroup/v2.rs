@@ -42,10 +42,16 @@ impl Base {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
         let mounts = cgroup2_mounts(&mountinfo);
-        let (mountpoint, mount_root) = match writable_mount(&mounts) {
-            Some(mount) => (mount.point.clone(), mount.root.clone()),
-            None if !mounts.is_empty() => (mount_own()?, "/".to_owned()),
-            None => return Err("no cgroup v2 hierarchy is mounted".to_owned()),
+        let (mountpoint, mount_root) = match (writable_mount(&mounts), mounts.first()) {
+            (Some(mount), _) => (mount.point.clone(), mount.root.clone()),
+            // Only read-only mounts: a writable one of its own, if the group they show has
+            // the controllers at all (a hybrid host's v2 hierarchy has none).
+            (None, Some(read_only)) => {
+                limit_controllers(&read_only.point)
+                    .map_err(|reason| format!("{}: {reason}", read_only.point.display()))?;
+                (mount_own()?, "/".to_owned())
+            }
+            (None, None) => return Err("no cgroup v2 hierarchy is mounted".to_owned()),
         };
         let own = fs::read_to_string("/proc/self/cgroup")
             .ok()
@@ -64,20 +70,7 @@ impl Base {
     }
 
     fn set_up_in(dir: &Path) -> Result<Self, String> {
-        let available = fs::read_to_string(dir.join("cgroup.controllers"))
-            .map_err(|e| format!("cannot read cgroup.controllers: {e}"))?;
-        let available: Vec<&str> = available.split_whitespace().collect();
-        if !["memory", "pids"].iter().all(|c| available.contains(c)) {
-            return Err(format!(
-                "the memory and pids controllers are not delegated here (it has: {})",
-                if available.is_empty() {
-                    "none".to_owned()
-                } else {
-                    available.join(" ")
-                }
-            ));
-        }
-        let cpu = available.contains(&"cpu");
+        let cpu = limit_controllers(dir)?;
         let wanted = if cpu {
             "+memory +pids +cpu"
         } else {
@@ -105,6 +98,25 @@ impl Base {
     pub(super) fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Whether the group `dir` has the memory and pids controllers (else why not), and whether it has
+/// cpu.
+fn limit_controllers(dir: &Path) -> Result<bool, String> {
+    let available = fs::read_to_string(dir.join("cgroup.controllers"))
+        .map_err(|e| format!("cannot read cgroup.controllers: {e}"))?;
+    let available: Vec<&str> = available.split_whitespace().collect();
+    if !["memory", "pids"].iter().all(|c| available.contains(c)) {
+        return Err(format!(
+            "the memory and pids controllers are not delegated here (it has: {})",
+            if available.is_empty() {
+                "none".to_owned()
+            } else {
+                available.join(" ")
+            }
+        ));
+    }
+    Ok(available.contains(&"cpu"))
 }
 
 /// Moves every process of the group `dir` into its leaf group [`SERVICE_LEAF`].
