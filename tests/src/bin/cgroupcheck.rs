@@ -165,7 +165,7 @@ async fn check_peak_per_run(base: &str) -> String {
         }
         let after = after.expect("a run in the same slot within 32 runs");
         assert!(
-            after.peak_memory_kb < 64 * 1024,
+            after.peak_memory_kb < 16 * 1024,
             "a run after a 200 MiB run in the same slot reported {} KiB",
             after.peak_memory_kb
         );

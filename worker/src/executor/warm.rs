@@ -135,6 +135,7 @@ impl Executor {
         for writer in writers {
             writer.abort();
         }
+        let by_exit = matches!(ended, Ended::Exited(_));
         let ended = match ended {
             Ended::Exited(Ok(exit)) => exit,
             Ended::Record(record) => ChildExit {
@@ -155,7 +156,15 @@ impl Executor {
         let stdout = stdout.finish().await;
         let stderr = stderr.finish().await;
         let (report, _) = report.finish().await;
-        let report = EndRecord::split(&report).0.to_vec();
+        let (report, record) = EndRecord::split(&report);
+        let report = report.to_vec();
+        // Where the zygote's exit report came first, its peak is the whole resident set, with
+        // the zygote's pages the child maps; the record, where the child wrote one, has the
+        // run's own. (The CPU time stays the zygote's: it comes from the kernel.)
+        let own_peak_kb = match record {
+            Some(record) if by_exit => record.peak_rss_kb,
+            _ => ended.peak_rss_kb,
+        };
         tracing::debug!(
             job = %job.id,
             setup_us = setup.as_micros() as u64,
@@ -165,7 +174,7 @@ impl Executor {
         );
         // The child's resident set counts the zygote's pages it shares; the slot's memory
         // cgroup counts only what the run itself touched, so it is the better figure.
-        let peak_memory_kb = usage.peak_kb.unwrap_or(ended.peak_rss_kb);
+        let peak_memory_kb = usage.peak_kb.unwrap_or(own_peak_kb);
         // A child that ended with its record is still exiting; the clean-up waits for it (and
         // kills it if the record came from the run's own code and the process goes on).
         let exiting = match handle.try_exited() {

@@ -109,8 +109,10 @@ fn serve(
         .prepare(&spec.workdir)
         .map_err(|e| format!("cannot prepare the run: {e}"))?;
     // The address space is counted from what the child has mapped (the zygote's whole heap),
-    // so the run's own allowance will come on top of it. Read now, off the request path.
-    let mapped = mapped_bytes().map_err(|e| format!("cannot read /proc/self/statm: {e}"))?;
+    // so the run's own allowance will come on top of it; and the run's peak memory from what
+    // it has resident (the zygote's pages it maps). Read now, off the request path.
+    let (mapped, resident) =
+        memory_bytes().map_err(|e| format!("cannot read /proc/self/statm: {e}"))?;
     let report = ffi::write_ready().map_err(|e| format!("cannot report ready: {e}"))?;
 
     let mut input = Vec::new();
@@ -131,21 +133,23 @@ fn serve(
     setrlimit(Resource::RLIMIT_AS, address_space, address_space)
         .map_err(|e| format!("cannot limit the address space: {e}"))?;
     let exit = interpreter.serve(code);
-    ffi::end_run(exit, report, cpu_before_us);
+    ffi::end_run(exit, report, cpu_before_us, resident / 1024);
     Ok(exit)
 }
 
-/// The size of this process's address space.
-fn mapped_bytes() -> io::Result<u64> {
+/// The size of this process's address space, and of its resident set, in bytes.
+fn memory_bytes() -> io::Result<(u64, u64)> {
     let statm = std::fs::read_to_string("/proc/self/statm")?;
-    let pages: u64 = statm
+    let pages: Vec<u64> = statm
         .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
+        .take(2)
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()
+        .filter(|p: &Vec<u64>| p.len() == 2)
         .ok_or_else(|| io::Error::other("unexpected format"))?;
-    Ok(pages
-        * nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-            .ok()
-            .flatten()
-            .unwrap_or(4096) as u64)
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    Ok((pages[0] * page, pages[1] * page))
 }

@@ -293,13 +293,17 @@ pub fn cpu_used_us() -> u64 {
 /// still is the pipe `report`: the run may have closed it and opened a file in its place), then
 /// closes every descriptor, so that the worker sees the run's output complete before the
 /// process exits. The record's CPU time is what was used since `cpu_before_us` (taken when
-/// the job came), not the child's preparation before it.
-pub fn end_run(exit: i32, report: PipeId, cpu_before_us: u64) {
+/// the job came), not the child's preparation before it, and its peak memory what the resident
+/// set grew past `resident_before_kb`.
+pub fn end_run(exit: i32, report: PipeId, cpu_before_us: u64, resident_before_kb: u64) {
     use nix::sys::resource::{getrusage, UsageWho};
+    // The run's own peak: the resident set's peak less what the child had resident when the job
+    // came, the zygote's pages it maps (about 60 MiB, which every run would report otherwise).
+    let peak_kb = getrusage(UsageWho::RUSAGE_SELF).map_or(0, |u| u.max_rss().max(0) as u64);
     let record = EndRecord {
         exit,
         cpu_ms: cpu_used_us().saturating_sub(cpu_before_us) / 1000,
-        peak_rss_kb: getrusage(UsageWho::RUSAGE_SELF).map_or(0, |u| u.max_rss().max(0) as u64),
+        peak_rss_kb: peak_kb.saturating_sub(resident_before_kb),
     };
     if report_identity() == Some(report) {
         // SAFETY: descriptor 4 is the run's report pipe (just checked), left open by the
