@@ -1,10 +1,22 @@
 //! What the check programs (`composecheck`, `cgroupcheck`) share: waiting for an api, running a
 //! catalogue through it, and the table of checks they print.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use crate::catalogue::Case;
 use crate::http::run_cases;
+
+/// Runs `checks`, which panic at the first that fails, on a runtime of two threads; whether they
+/// all passed.
+pub fn passed(checks: impl Future<Output = ()>) -> bool {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(checks))).is_ok()
+}
 
 /// Waits until `base`'s `/readyz` answers 200; panics after `within`.
 pub async fn wait_ready(base: &str, within: Duration) {
@@ -54,6 +66,14 @@ impl Report {
         let started = Instant::now();
         println!("..  {check}");
         let detail = f();
+        self.add(check, started, detail);
+    }
+
+    /// [`timed`](Self::timed), for a check that waits.
+    pub async fn awaited(&mut self, check: &str, found: impl Future<Output = String>) {
+        let started = Instant::now();
+        println!("..  {check}");
+        let detail = found.await;
         self.add(check, started, detail);
     }
 

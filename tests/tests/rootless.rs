@@ -73,33 +73,50 @@ async fn start_as_nobody_with_subordinate_ids(dir: &Path) -> Api {
         Path::new("/usr/bin/newuidmap").exists(),
         "newuidmap is missing: install the uidmap package (scripts/test does)"
     );
-    let range = format!("nobody:{SUBORDINATE_START}:{SUBORDINATE_COUNT}\n");
+    let range = format!("nobody:{SUBORDINATE_START}:{SUBORDINATE_COUNT}");
+    let port = free_port();
+    let child = with_private_subordinate_ids(
+        dir,
+        &range,
+        NOBODY,
+        port,
+        "shift && exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$@\"",
+    )
+    .arg(binary("pyrunner-api"))
+    .spawn()
+    .expect("start the api as nobody in a mount namespace of its own");
+    wait_ready(child, port).await
+}
+
+/// A command that gives `dir`'s own `subuid` and `subgid`, each holding the line `range`, in
+/// place of `/etc`'s, in a mount namespace of its own, then runs `then` (a shell command line
+/// whose `$1` is `dir`, followed by the command's further arguments) as the api's environment
+/// for `port` says, with `dir/work`, owned by `owner`, as the api's work dir.
+fn with_private_subordinate_ids(
+    dir: &Path,
+    range: &str,
+    owner: u32,
+    port: u16,
+    then: &str,
+) -> Command {
     for file in ["subuid", "subgid"] {
-        std::fs::write(dir.join(file), &range).unwrap();
+        std::fs::write(dir.join(file), format!("{range}\n")).unwrap();
     }
     let work = dir.join("work");
     std::fs::create_dir(&work).unwrap();
-    std::os::unix::fs::chown(&work, Some(NOBODY), Some(NOBODY)).unwrap();
-    let port = free_port();
-    let script =
+    std::os::unix::fs::chown(&work, Some(owner), Some(owner)).unwrap();
+    let script = format!(
         "mount --bind \"$1/subuid\" /etc/subuid && mount --bind \"$1/subgid\" /etc/subgid \
-                  && shift && exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$@\"";
-    let child = api_env(&mut Command::new("unshare"), port)
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            "sh",
-        ])
+         && {then}"
+    );
+    let mut command = Command::new("unshare");
+    api_env(&mut command, port)
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(script)
+        .arg("sh")
         .arg(dir)
-        .arg(binary("pyrunner-api"))
-        .env("PYRUNNER_WORK_DIR", &work)
-        .spawn()
-        .expect("start the api as nobody in a mount namespace of its own");
-    wait_ready(child, port).await
+        .env("PYRUNNER_WORK_DIR", &work);
+    command
 }
 
 /// Where the ids of the remapped user namespace start on the host (no account has them).
@@ -121,40 +138,26 @@ enum Remapped {
 /// `/etc/subuid` and `/etc/subgid` (bind-mounted in a mount namespace of the test's own) let root
 /// use. `dir` holds the files and the api's work dir.
 async fn start_in_remapped_user_namespace(dir: &Path, how: Remapped) -> Api {
-    let range = format!("root:{REMAP_START}:{SUBORDINATE_COUNT}\n");
-    for file in ["subuid", "subgid"] {
-        std::fs::write(dir.join(file), &range).unwrap();
-    }
-    let work = dir.join("work");
-    std::fs::create_dir(&work).unwrap();
-    std::os::unix::fs::chown(&work, Some(REMAP_START), Some(REMAP_START)).unwrap();
+    let range = format!("root:{REMAP_START}:{SUBORDINATE_COUNT}");
     let port = free_port();
     let map = format!("{REMAP_START},0,{SUBORDINATE_COUNT}");
-    let script =
-        "mount --bind \"$1/subuid\" /etc/subuid && mount --bind \"$1/subgid\" /etc/subgid \
-                  && map=$2 && shift 2 && exec unshare --user --map-users=$map --map-groups=$map \
-                  --setuid 0 --setgid 0 \"$@\"";
     let namespaces: &[&str] = match how {
         Remapped::AsAContainer => &["--pid", "--fork", "--mount-proc"],
         Remapped::Alone => &[],
     };
-    let child = api_env(&mut Command::new("unshare"), port)
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            "sh",
-        ])
-        .arg(dir)
-        .arg(map)
-        .args(namespaces)
-        .arg(binary("pyrunner-api"))
-        .env("PYRUNNER_WORK_DIR", &work)
-        .spawn()
-        .expect("start the api in a remapped user namespace");
+    let child = with_private_subordinate_ids(
+        dir,
+        &range,
+        REMAP_START,
+        port,
+        "map=$2 && shift 2 && exec unshare --user --map-users=$map --map-groups=$map \
+         --setuid 0 --setgid 0 \"$@\"",
+    )
+    .arg(map)
+    .args(namespaces)
+    .arg(binary("pyrunner-api"))
+    .spawn()
+    .expect("start the api in a remapped user namespace");
     wait_ready(child, port).await
 }
 

@@ -206,16 +206,8 @@ fn idle_warm_child_uss() -> Option<f64> {
 /// p50, p95, p99 in ms of starting the runtime's interpreter directly for `code`, without the
 /// service or the sandbox: the floor of any executor that starts an interpreter per run.
 fn bare_interpreter(code: &str, requests: usize) -> [f64; 3] {
-    let runtime = pyrunner_tests::runtime_dir();
-    let python = runtime.join("venv/bin/python3");
     let run = || {
-        let out = std::process::Command::new(&python)
-            .args(["-I", "-B", "-c", code])
-            .env("LD_LIBRARY_PATH", runtime.join("python/lib"))
-            .env("OPENBLAS_NUM_THREADS", "1")
-            .output()
-            .expect("the runtime's python starts");
-        assert!(out.status.success(), "{out:?}");
+        runtime_python(code);
     };
     for _ in 0..3 {
         run();
@@ -235,7 +227,6 @@ fn bare_interpreter(code: &str, requests: usize) -> [f64; 3] {
 /// set imported and its heap frozen, forking a child that exits at once, `forks` times. Returns
 /// the CPU time (parent and children) per fork, in ms. No sandbox, no Python work in the child.
 fn bare_fork(forks: usize) -> f64 {
-    let runtime = pyrunner_tests::runtime_dir();
     let script = format!(
         "import gc, os\n\
          import numpy, numpy.random, sympy\n\
@@ -247,18 +238,22 @@ fn bare_fork(forks: usize) -> f64 {
          u = os.times()\n\
          print(sum(u[:4]) - sum(t[:4]))"
     );
+    let secs: f64 = runtime_python(&script).trim().parse().expect("CPU seconds");
+    secs * 1e3 / forks as f64
+}
+
+/// Runs `code` with the runtime's interpreter, directly (`python -I -B -c`), and returns what it
+/// printed; panics if it fails.
+fn runtime_python(code: &str) -> String {
+    let runtime = pyrunner_tests::runtime_dir();
     let out = std::process::Command::new(runtime.join("venv/bin/python3"))
-        .args(["-I", "-B", "-c", &script])
+        .args(["-I", "-B", "-c", code])
         .env("LD_LIBRARY_PATH", runtime.join("python/lib"))
         .env("OPENBLAS_NUM_THREADS", "1")
         .output()
         .expect("the runtime's python starts");
     assert!(out.status.success(), "{out:?}");
-    let secs: f64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("CPU seconds");
-    secs * 1e3 / forks as f64
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// One executor's figures: as shown, and the number each ratio is taken of.

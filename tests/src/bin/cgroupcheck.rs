@@ -8,11 +8,11 @@
 //! Usage: cgroupcheck URL
 //! Everything is bounded: each wait has a deadline, and each run its limits.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pyrunner_shared::RunStatus;
 use pyrunner_tests::catalogue::{hostile, statuses};
-use pyrunner_tests::checks::{all_pass, wait_ready, Report};
+use pyrunner_tests::checks::{self, all_pass, wait_ready, Report};
 use pyrunner_tests::http::{get, run};
 use serde_json::json;
 
@@ -24,17 +24,10 @@ fn main() {
         eprintln!("usage: cgroupcheck URL");
         std::process::exit(2);
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
     let mut report = Report::default();
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime.block_on(check(&base, &mut report))
-    }));
+    let passed = checks::passed(check(&base, &mut report));
     report.print();
-    if outcome.is_err() {
+    if !passed {
         eprintln!("\nthe cgroup v2 checks failed");
         std::process::exit(1);
     }
@@ -42,46 +35,51 @@ fn main() {
 }
 
 async fn check(base: &str, report: &mut Report) {
-    let started = Instant::now();
-    wait_ready(base, START_FOR).await;
-    report.add("the api is ready", started, String::new());
-
-    let started = Instant::now();
-    let detail = check_isolation(base).await;
-    report.add("isolation layers", started, detail);
-
-    let started = Instant::now();
-    let detail = check_slot_group(base).await;
-    report.add("a run's processes are in its slot's group", started, detail);
-
-    let started = Instant::now();
-    let detail = check_peak_per_run(base).await;
-    report.add("each run's own memory peak", started, detail);
-
-    let started = Instant::now();
-    all_pass(base, statuses(), "status").await;
-    report.add(
-        &format!("status catalogue: {} cases", statuses().len()),
-        started,
-        String::from("all as documented"),
-    );
-
-    let started = Instant::now();
-    all_pass(base, hostile(), "hostile").await;
-    report.add(
-        &format!("hostile-code catalogue: {} cases", hostile().len()),
-        started,
-        String::from("all contained"),
-    );
-
-    let started = Instant::now();
-    let healthy = get(&format!("{base}/healthz")).await;
-    assert_eq!(healthy.status, 200, "{healthy:?}");
-    report.add(
-        "the api is healthy after the catalogues",
-        started,
-        String::new(),
-    );
+    let ready = async {
+        wait_ready(base, START_FOR).await;
+        String::new()
+    };
+    report.awaited("the api is ready", ready).await;
+    report
+        .awaited("isolation layers", check_isolation(base))
+        .await;
+    report
+        .awaited(
+            "a run's processes are in its slot's group",
+            check_slot_group(base),
+        )
+        .await;
+    report
+        .awaited("each run's own memory peak", check_peak_per_run(base))
+        .await;
+    let status = async {
+        all_pass(base, statuses(), "status").await;
+        String::from("all as documented")
+    };
+    report
+        .awaited(
+            &format!("status catalogue: {} cases", statuses().len()),
+            status,
+        )
+        .await;
+    let hostile_cases = async {
+        all_pass(base, hostile(), "hostile").await;
+        String::from("all contained")
+    };
+    report
+        .awaited(
+            &format!("hostile-code catalogue: {} cases", hostile().len()),
+            hostile_cases,
+        )
+        .await;
+    let healthy = async {
+        let healthy = get(&format!("{base}/healthz")).await;
+        assert_eq!(healthy.status, 200, "{healthy:?}");
+        String::new()
+    };
+    report
+        .awaited("the api is healthy after the catalogues", healthy)
+        .await;
 }
 
 /// Every layer is active, and the three cgroup layers are v2.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use pyrunner_shared::RunStatus;
 use pyrunner_tests::catalogue::{hostile, statuses};
-use pyrunner_tests::checks::{all_pass, wait_ready, Report};
+use pyrunner_tests::checks::{self, all_pass, wait_ready, Report};
 use pyrunner_tests::http::{get, poll_done, run, send, submit, wait_state};
 use serde_json::{json, Value};
 
@@ -46,17 +46,10 @@ fn main() {
         }
     }
     let stack = Stack::new(workers, keep);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
     let mut report = Report::default();
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime.block_on(check(&stack, &mut report))
-    }));
+    let passed = checks::passed(check(&stack, &mut report));
     report.print();
-    if outcome.is_err() {
+    if !passed {
         eprintln!("\nthe compose test failed; the containers' last log lines:");
         stack.print_logs();
         drop(stack);

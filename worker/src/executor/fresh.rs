@@ -87,8 +87,8 @@ impl Executor {
             .await
             .expect("reap does not panic");
         let cleanup_started = Instant::now();
-        let killed = slot.cgroups().is_some_and(|c| c.is_empty() || c.kill());
-        if let Some(uid) = slot.uid().filter(|_| !killed) {
+        let cleared = slot.cgroups().is_some_and(|c| c.empty_or_killed());
+        if let Some(uid) = slot.uid().filter(|_| !cleared) {
             if let Err(error) = sys::kill_all_of_uid(uid) {
                 tracing::warn!(uid, %error, "cannot kill the processes left by a run");
             }

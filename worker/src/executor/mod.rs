@@ -251,7 +251,10 @@ impl Executor {
             Some(described) => LayerStatus::active(described),
             None => LayerStatus::inactive(
                 cgroup::unavailable_reason()
-                    .unwrap_or("the worker is not the host's root")
+                    .unwrap_or(
+                        "the slots have no ids of their own to name their groups by (the worker \
+                         is not the host's root, and has no subordinate ids)",
+                    )
                     .to_owned(),
             ),
         };

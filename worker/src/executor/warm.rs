@@ -220,7 +220,7 @@ impl Executor {
             }
             // With cgroups, an empty group proves that nothing was left behind; what is left,
             // cgroup v2 kills at once, else every process of the slot's uid is looked for.
-            let leftovers = slot.cgroups().is_none_or(|c| !c.is_empty() && !c.kill());
+            let leftovers = slot.cgroups().is_none_or(|c| !c.empty_or_killed());
             let kill = slot.uid().filter(|_| leftovers);
             let empty_dir = workdir
                 .as_ref()

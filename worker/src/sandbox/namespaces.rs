@@ -228,9 +228,9 @@ pub fn can_make_user_namespaces(
 
 /// For a worker that is not root: makes it root of a user namespace of its own, where it may
 /// make the runs' namespaces and mounts without real root on the host (it keeps its own uid
-/// there, and runs get cgroups only in a cgroup v2 group delegated to its user). Where the host gives its user a subordinate range of ids,
-/// that range is mapped too, and run slots get ids of their own from it (see [`idmap`]);
-/// without one, runs share the worker's uid. Where the host allows no user namespace, the
+/// there, and runs get cgroups only in a cgroup v2 group delegated to its user). Where the host
+/// gives its user a subordinate range of ids, that range is mapped too, and run slots get ids of
+/// their own from it (see [`idmap`]); without one, runs share the worker's uid. Where the host allows no user namespace, the
 /// worker goes on without, with fewer layers.
 ///
 /// A worker that is root of a user namespace it was started in (a container under Docker's
@@ -252,14 +252,17 @@ pub fn enter_own_user_namespace_unless_root() {
         }
         return;
     }
-    // As the user, whose delegated cgroup v2 group (if any) the slots' groups go in.
-    cgroup::look_for_hierarchy_early();
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
     let name = nix::unistd::User::from_uid(uid)
         .ok()
         .flatten()
         .map_or_else(|| uid.to_string(), |user| user.name);
     let subordinate = idmap::Subordinate::find(&name, uid.as_raw(), gid.as_raw());
+    if subordinate.is_ok() {
+        // Slots with ids of their own get cgroups in the user's delegated cgroup v2 group, if
+        // it has one.
+        cgroup::look_for_hierarchy_early();
+    }
     let map = subordinate.as_ref().ok().map(|s| move |pid| s.map(pid));
     let mapped = match sys::become_root_of_own_user_namespace(
         map.as_ref().map(|m| m as &dyn Fn(i32) -> io::Result<()>),

@@ -205,20 +205,12 @@ impl SlotCgroups {
         }
     }
 
-    /// Whether no process is left in the slot.
-    pub fn is_empty(&self) -> bool {
+    /// Whether nothing is left in the slot after a run: none was, or the hierarchy killed what
+    /// was at once (cgroup v2). False where the caller must find what is left another way.
+    pub fn empty_or_killed(&self) -> bool {
         match &self.0 {
             Groups::V1(groups) => groups.is_empty(),
-            Groups::V2(group) => group.is_empty(),
-        }
-    }
-
-    /// Kills every process left in the slot at once, where the hierarchy can (cgroup v2);
-    /// false where the caller must find them another way.
-    pub fn kill(&self) -> bool {
-        match &self.0 {
-            Groups::V1(_) => false,
-            Groups::V2(group) => group.kill(),
+            Groups::V2(group) => group.is_empty() || group.kill(),
         }
     }
 
