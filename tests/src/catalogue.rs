@@ -133,6 +133,7 @@ pub fn statuses() -> Vec<Case> {
             RunStatus::Success,
             |r| assert_eq!(r.stdout, "True True True True True\n"),
         ),
+        preparation_is_not_counted(),
         case(
             "SIGINT raises KeyboardInterrupt, as in any interpreter",
             "import os, signal\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\n    \
@@ -404,6 +405,36 @@ macro_rules! syscall_errno {
             "print(rc, os.strerror(ctypes.get_errno()) if rc == -1 else 'ok')"
         )
     };
+}
+
+/// A warm child enters its sandbox before its job comes (about 3 ms of CPU time): that is the
+/// service's, not the run's.
+pub fn preparation_is_not_counted() -> Case {
+    case(
+        "the sandbox's preparation is not the run's CPU time",
+        "import os; os._exit(0)",
+        RunStatus::Success,
+        |r| assert!(r.cpu_ms <= r.duration_ms + 1, "{r:#?}"),
+    )
+}
+
+/// A run can write a warm child's end record itself and close its pipes: that ends its run early
+/// (the process goes on, until the worker kills it), but what it used comes from the kernel, not
+/// from the record. (A fresh interpreter's run goes on to its end.)
+pub fn forged_end_record() -> Case {
+    case(
+        "a forged end record hides no CPU time",
+        r#"import os, time
+t = time.process_time()
+while time.process_time() - t < 0.3: pass
+os.write(4, b'\n\x1epyrunner-end {"exit":0,"cpu_ms":0,"peak_rss_kb":0}\n')
+for fd in (1, 2, 4): os.close(fd)
+t = time.process_time()
+while time.process_time() - t < 0.2: pass
+os._exit(0)"#,
+        RunStatus::Success,
+        |r| assert!(r.cpu_ms >= 290, "{r:#?}"),
+    )
 }
 
 /// Hostile code, each case with the outcome that proves a layer holds. The worker's
@@ -779,6 +810,22 @@ pub fn hostile() -> Vec<Case> {
             "f = open('sparse', 'wb'); f.seek(1 << 30); f.write(b'x'); f.flush()",
             RunStatus::Error,
             |r| assert!(exception(r) == "OSError", "{r:#?}"),
+        ),
+        forged_end_record(),
+        // A process that is never waited for is in no rusage of the run's; the slot's cgroup
+        // counts it.
+        case(
+            "a child never waited for counts its CPU time",
+            r#"import os, time
+r, w = os.pipe()
+if os.fork() == 0:
+    t = time.process_time()
+    while time.process_time() - t < 0.3: pass
+    os.write(w, b'x')
+    os._exit(0)
+os.read(r, 1)"#,
+            RunStatus::Success,
+            |r| assert!(r.cpu_ms >= 290, "{r:#?}"),
         ),
     ]
 }

@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pyrunner_shared::RunStatus;
-use pyrunner_tests::catalogue::{case, no_check, Case};
+use pyrunner_tests::catalogue::{
+    case, forged_end_record, no_check, preparation_is_not_counted, Case,
+};
 use pyrunner_tests::fleet::{binary, free_port};
 use pyrunner_tests::http::{get, run, run_cases};
 use serde_json::json;
@@ -244,6 +246,9 @@ fn shared_cases() -> Vec<Case> {
         case("`pass` reports a small peak", "pass", RunStatus::Success, |r| {
             assert!(r.peak_memory_kb < 16 * 1024, "{r:#?}")
         }),
+        // Without cgroups the figures come from the kernel's report of the child's exit.
+        forged_end_record(),
+        preparation_is_not_counted(),
         case(
             "a run filling 50 MiB reports 50 MiB",
             "b = bytearray(50 * 2**20)\nfor i in range(0, len(b), 4096): b[i] = 1",

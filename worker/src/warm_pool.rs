@@ -26,7 +26,7 @@ use crate::sandbox::rootfs::RootView;
 use crate::sandbox::{rlimits, sys, SandboxError, SandboxSettings};
 use crate::slots::Slot;
 use crate::workdir::{RunDir, WorkdirError};
-use crate::zygote::protocol::{SpawnSpec, ENTRY_FAILED, READY};
+use crate::zygote::protocol::{ReadyRecord, SpawnSpec, ENTRY_FAILED};
 use crate::zygote::{ChildHandle, Zygote, ZygoteError, ZygoteInfo, ZygoteSettings};
 
 /// How long a warm child may take to enter its sandbox.
@@ -108,6 +108,8 @@ pub struct WarmChild {
     pub code: OwnedFd,
     pub report: pipe::Receiver,
     pub workdir: RunDir,
+    /// What the child had used when it was ready (zero until it is).
+    pub ready: ReadyRecord,
 }
 
 impl WarmPool {
@@ -256,6 +258,7 @@ impl WarmPool {
             code: code_w,
             report,
             workdir,
+            ready: ReadyRecord::default(),
         })
     }
 
@@ -322,10 +325,15 @@ impl WarmPool {
 
 /// Waits until `child` is inside its sandbox. A child that failed reports why on its stderr.
 async fn ready(mut child: WarmChild) -> Result<WarmChild, WarmError> {
-    let mut byte = [0u8; 1];
-    let read = tokio::time::timeout(READY_TIMEOUT, child.report.read(&mut byte)).await;
+    let mut bytes = [0u8; ReadyRecord::LEN];
+    let read = tokio::time::timeout(READY_TIMEOUT, child.report.read_exact(&mut bytes)).await;
     match read {
-        Ok(Ok(1)) if byte[0] == READY => return Ok(child),
+        Ok(Ok(_)) => {
+            if let Some(ready) = ReadyRecord::parse(&bytes) {
+                child.ready = ready;
+                return Ok(child);
+            }
+        }
         Err(_) => {
             child.zygote.kill(child.handle.token).await;
             return Err(WarmError::NotReady(format!(

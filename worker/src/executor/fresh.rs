@@ -122,7 +122,8 @@ impl Executor {
             output_exceeded,
             cancelled,
             oom_killed: usage.oom_killed,
-            cpu_ms: reaped.cpu_ms,
+            // The slot's group counts the run's processes that were never waited for, too.
+            cpu_ms: usage.cpu_us.unwrap_or(reaped.cpu_us) / 1000,
             peak_memory_kb: reaped.peak_rss_kb.max(usage.peak_kb.unwrap_or(0)),
             duration,
             stdout,

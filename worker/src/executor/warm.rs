@@ -1,6 +1,11 @@
 //! The warm way: the run's process is the slot's warm child, forked by the zygote ahead of time
 //! and already inside its sandbox. The job's own limits go with the code (the child applies
 //! them before any user code runs); the slot's cleanup and its next child come after the result.
+//!
+//! What a run used, CPU time and peak memory, comes from the kernel, never from the child after
+//! the run's code started (that code can write anything the child could): from the slot's
+//! cgroup where it counts both, else from the zygote's report of the child's exit, less what
+//! the child had used by the time it said it was ready.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,15 +16,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::capture::{feed, Capture};
 use super::{ExecError, Executor, Finished, REPORT_MAX_BYTES};
+use crate::sandbox::cgroup::RunWatch;
 use crate::sandbox::{rlimits, sys};
 use crate::slots::Slot;
 use crate::warm_pool::WarmPool;
 use crate::zygote::protocol::{EndRecord, JobHeader};
 use crate::zygote::{ChildExit, ChildHandle, ChildLost, Zygote};
 
-/// How long the cleanup lets a child that wrote its end record take to exit by itself.
+/// How long a child that wrote its end record may take to exit by itself.
 const EXIT_GRACE: Duration = Duration::from_millis(100);
-/// How long the cleanup waits for a killed child to be reaped.
+/// How long a killed child may take to be reaped.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
 /// How a run's wait ended.
@@ -28,6 +34,21 @@ enum Ended {
     Exited(Result<ChildExit, ChildLost>),
     /// The child closed its pipes after its end record.
     Record(EndRecord),
+}
+
+/// Waits for the exit of a child that wrote its end record; kills it if it goes on instead (the
+/// record was the run's own).
+async fn exit_after_record(
+    zygote: &Zygote,
+    child: &mut ChildHandle,
+) -> Result<ChildExit, ChildLost> {
+    if let Ok(exit) = tokio::time::timeout(EXIT_GRACE, child.exited()).await {
+        return exit;
+    }
+    zygote.kill(child.token).await;
+    tokio::time::timeout(EXIT_WAIT, child.exited())
+        .await
+        .unwrap_or(Err(ChildLost::NotReaped(EXIT_WAIT)))
 }
 
 /// Waits until every capture has stopped reading.
@@ -72,6 +93,7 @@ impl Executor {
                 &job.limits,
                 slot.cgroups().is_some(),
             ),
+            exit_awaited: !watch.as_ref().is_some_and(RunWatch::counts_run),
         };
         let mut input = header.line();
         input.extend_from_slice(job.code.as_bytes());
@@ -135,14 +157,9 @@ impl Executor {
         for writer in writers {
             writer.abort();
         }
-        let by_exit = matches!(ended, Ended::Exited(_));
-        let ended = match ended {
-            Ended::Exited(Ok(exit)) => exit,
-            Ended::Record(record) => ChildExit {
-                exit: sys::Exit::Code(record.exit),
-                cpu_ms: record.cpu_ms,
-                peak_rss_kb: record.peak_rss_kb,
-            },
+        let (exit, mut reaped) = match ended {
+            Ended::Exited(Ok(reaped)) => (reaped.exit, Some(reaped)),
+            Ended::Record(record) => (sys::Exit::Code(record.exit), None),
             Ended::Exited(Err(lost)) => {
                 self.clean_up(pool.clone(), slot, None, Some(child.workdir));
                 return Err(lost.into());
@@ -153,18 +170,33 @@ impl Executor {
             .zip(watch)
             .map(|(c, watch)| c.usage(watch))
             .unwrap_or_default();
+        if reaped.is_none() && (usage.cpu_us.is_none() || usage.peak_kb.is_none()) {
+            // No cgroup counts the run: its figures come with the exit (which the child, told
+            // so in its header, does not put off).
+            match exit_after_record(&zygote, &mut handle).await {
+                Ok(exit) => reaped = Some(exit),
+                Err(lost) => {
+                    self.clean_up(pool.clone(), slot, None, Some(child.workdir));
+                    return Err(lost.into());
+                }
+            }
+        }
+        // Since the child was ready: its sandbox entry and preparation are the service's.
+        let ready = child.ready;
+        let cpu_us = usage
+            .cpu_us
+            .or_else(|| reaped.map(|r| r.cpu_us.saturating_sub(ready.cpu_us)))
+            .unwrap_or(0);
+        // The slot's group counts only what the run itself touched; the child's resident set
+        // counts the zygote's pages it maps, which it had already when it was ready.
+        let peak_memory_kb = usage
+            .peak_kb
+            .or_else(|| reaped.map(|r| r.peak_rss_kb.saturating_sub(ready.resident_kb)))
+            .unwrap_or(0);
         let stdout = stdout.finish().await;
         let stderr = stderr.finish().await;
         let (report, _) = report.finish().await;
-        let (report, record) = EndRecord::split(&report);
-        let report = report.to_vec();
-        // Where the zygote's exit report came first, its peak is the whole resident set, with
-        // the zygote's pages the child maps; the record, where the child wrote one, has the
-        // run's own. (The CPU time stays the zygote's: it comes from the kernel.)
-        let own_peak_kb = match record {
-            Some(record) if by_exit => record.peak_rss_kb,
-            _ => ended.peak_rss_kb,
-        };
+        let report = EndRecord::split(&report).0.to_vec();
         tracing::debug!(
             job = %job.id,
             setup_us = setup.as_micros() as u64,
@@ -172,9 +204,6 @@ impl Executor {
             collect_us = (started.elapsed() - duration).as_micros() as u64,
             "run phases"
         );
-        // The child's resident set counts the zygote's pages it shares; the slot's memory
-        // cgroup counts only what the run itself touched, so it is the better figure.
-        let peak_memory_kb = usage.peak_kb.unwrap_or(own_peak_kb);
         // A child that ended with its record is still exiting; the clean-up waits for it (and
         // kills it if the record came from the run's own code and the process goes on).
         let exiting = match handle.try_exited() {
@@ -183,12 +212,12 @@ impl Executor {
         };
         self.clean_up(pool.clone(), slot, exiting, Some(child.workdir));
         Ok(Finished {
-            exit: ended.exit,
+            exit,
             timed_out,
             output_exceeded,
             cancelled,
             oom_killed: usage.oom_killed,
-            cpu_ms: ended.cpu_ms,
+            cpu_ms: cpu_us / 1000,
             peak_memory_kb,
             duration,
             stdout,
@@ -208,15 +237,7 @@ impl Executor {
     ) {
         tokio::spawn(async move {
             if let Some((zygote, mut child)) = exiting {
-                // A child past its end record exits within moments; one that does not (the
-                // record was the run's own, and it goes on) is killed.
-                if tokio::time::timeout(EXIT_GRACE, child.exited())
-                    .await
-                    .is_err()
-                {
-                    zygote.kill(child.token).await;
-                    let _ = tokio::time::timeout(EXIT_WAIT, child.exited()).await;
-                }
+                let _ = exit_after_record(&zygote, &mut child).await;
             }
             // With cgroups, an empty group proves that nothing was left behind; what is left,
             // cgroup v2 kills at once, else every process of the slot's uid is looked for.

@@ -631,7 +631,8 @@ pub enum Exit {
 #[derive(Debug, Clone, Copy)]
 pub struct Reaped {
     pub exit: Exit,
-    pub cpu_ms: u64,
+    /// CPU time of the process and its waited-for children.
+    pub cpu_us: u64,
     pub peak_rss_kb: u64,
 }
 
@@ -654,10 +655,10 @@ pub fn reap(pid: i32) -> io::Result<Reaped> {
                 } else {
                     Exit::Code(libc::WEXITSTATUS(status))
                 };
-                let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+                let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
                 return Ok(Reaped {
                     exit,
-                    cpu_ms: ms(usage.ru_utime) + ms(usage.ru_stime),
+                    cpu_us: us(usage.ru_utime) + us(usage.ru_stime),
                     peak_rss_kb: usage.ru_maxrss.max(0) as u64,
                 });
             }

@@ -85,7 +85,9 @@ pub struct ZygoteInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChildExit {
     pub exit: sys::Exit,
-    pub cpu_ms: u64,
+    /// CPU time since the fork, the child's waited-for children included.
+    pub cpu_us: u64,
+    /// Largest resident set, the zygote's pages the child maps included.
     pub peak_rss_kb: u64,
 }
 
@@ -96,6 +98,8 @@ pub enum ChildLost {
     SpawnFailed(String),
     #[error("the zygote ended before the child did")]
     ZygoteLost,
+    #[error("the child was not reaped within {0:?} of its kill")]
+    NotReaped(std::time::Duration),
 }
 
 /// The state shared by a zygote's handle and the task reading its events.
@@ -383,7 +387,7 @@ async fn read_events(shared: Arc<Shared>, pid: u32) {
             Event::Exited {
                 token,
                 status,
-                cpu_ms,
+                cpu_us,
                 peak_rss_kb,
             } => (
                 token,
@@ -393,7 +397,7 @@ async fn read_events(shared: Arc<Shared>, pid: u32) {
                     } else {
                         sys::Exit::Code(status)
                     },
-                    cpu_ms,
+                    cpu_us,
                     peak_rss_kb,
                 }),
             ),

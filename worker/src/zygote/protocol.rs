@@ -20,7 +20,7 @@ pub const CONTROL_FD: RawFd = 3;
 /// How many descriptors come with a spawn request: the child's stdin, stdout, stderr, code and
 /// report ends, in that order (they become its descriptors 0 to 4).
 pub const SPAWN_FDS: usize = 5;
-/// The byte a warm child writes to its report pipe once it is inside its sandbox.
+/// The byte that starts a warm child's [`ReadyRecord`].
 pub const READY: u8 = b'R';
 /// Exit code of a warm child that could not enter its sandbox (its stderr says why).
 pub const ENTRY_FAILED: i32 = 125;
@@ -98,23 +98,60 @@ pub enum Event {
         token: u64,
         /// Exit code, or the negated number of the signal that ended it.
         status: i32,
-        cpu_ms: u64,
+        /// CPU time of the child and its waited-for children since the fork, as the kernel
+        /// counted it.
+        cpu_us: u64,
+        /// Largest resident set of the child or of one of those children, shared pages
+        /// included.
         peak_rss_kb: u64,
     },
+}
+
+/// What a warm child writes to its report pipe once it is inside its sandbox: [`READY`], then
+/// what it has used so far, in binary. It comes before any code of the run, so it is believed:
+/// the run's own CPU time and memory are the kernel's figures at the child's exit less these
+/// (the child's preparation is the service's, not the run's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadyRecord {
+    /// CPU time used since the fork, in microseconds.
+    pub cpu_us: u64,
+    /// Resident set: mostly the zygote's pages, which the child maps.
+    pub resident_kb: u64,
+}
+
+impl ReadyRecord {
+    /// Length of the record on the pipe.
+    pub const LEN: usize = 17;
+
+    /// The record as written to the report pipe.
+    pub fn bytes(&self) -> [u8; Self::LEN] {
+        let mut bytes = [0; Self::LEN];
+        bytes[0] = READY;
+        bytes[1..9].copy_from_slice(&self.cpu_us.to_le_bytes());
+        bytes[9..].copy_from_slice(&self.resident_kb.to_le_bytes());
+        bytes
+    }
+
+    /// The record in `bytes`, if they are one.
+    pub fn parse(bytes: &[u8; Self::LEN]) -> Option<Self> {
+        let word =
+            |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes"));
+        (bytes[0] == READY).then(|| Self {
+            cpu_us: word(1),
+            resident_kb: word(9),
+        })
+    }
 }
 
 /// What a warm child writes at the very end of its report pipe once its run is over, just
 /// before it closes its descriptors and exits: the worker can answer without waiting for the
 /// exit, whose teardown of the address space it shares with the zygote takes about a
-/// millisecond. The run's own code can write to the same pipe, so the record is only believed
-/// about the run itself (a run that forges it ends itself early, as `os._exit` would).
+/// millisecond. The run's own code can write to the same pipe, so the record holds only what
+/// the run may say of itself, its exit code (a run that forges it ends itself early, as
+/// `os._exit` would); what it used comes from the kernel.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EndRecord {
     pub exit: i32,
-    /// CPU time of the process and its waited-for children.
-    pub cpu_ms: u64,
-    /// Largest resident set, shared pages included.
-    pub peak_rss_kb: u64,
 }
 
 /// Marks the start of the end record in the report pipe.
@@ -153,6 +190,10 @@ pub struct JobHeader {
     pub cpu_secs: u64,
     /// Address space the run may add to what the child has mapped when its job arrives.
     pub address_space_bytes: u64,
+    /// The worker waits for the child's exit, to take the run's figures from it (no cgroup
+    /// counts them): the child then ends at its normal priority, not at the lowest.
+    #[serde(default)]
+    pub exit_awaited: bool,
 }
 
 impl JobHeader {
@@ -270,11 +311,7 @@ mod tests {
 
     #[test]
     fn end_record_is_found_only_at_the_end() {
-        let record = EndRecord {
-            exit: 3,
-            cpu_ms: 12,
-            peak_rss_kb: 4096,
-        };
+        let record = EndRecord { exit: 3 };
         let mut report = br#"{"type": "ValueError"}"#.to_vec();
         report.extend(record.bytes());
         assert_eq!(
@@ -289,6 +326,23 @@ mod tests {
         let cut = &record.bytes()[..10];
         assert_eq!(EndRecord::split(cut), (cut, None));
         assert_eq!(EndRecord::split(b""), (&b""[..], None));
+        // What else a run writes into a record of its own is not read.
+        let forged = b"\n\x1epyrunner-end {\"exit\":7,\"cpu_ms\":0}\n";
+        assert_eq!(EndRecord::split(forged).1, Some(EndRecord { exit: 7 }));
+    }
+
+    #[test]
+    fn ready_record_round_trips() {
+        let record = ReadyRecord {
+            cpu_us: 2_345_678,
+            resident_kb: 61_440,
+        };
+        let bytes = record.bytes();
+        assert_eq!(bytes[0], READY);
+        assert_eq!(ReadyRecord::parse(&bytes), Some(record));
+        let mut other = bytes;
+        other[0] = b'x';
+        assert_eq!(ReadyRecord::parse(&other), None);
     }
 
     #[test]
@@ -296,6 +350,7 @@ mod tests {
         let header = JobHeader {
             cpu_secs: 3,
             address_space_bytes: 1 << 30,
+            exit_awaited: true,
         };
         let mut input = header.line();
         input.extend_from_slice(b"print(1)\nprint(2)\n");

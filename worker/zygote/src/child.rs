@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use nix::sys::resource::{setrlimit, Resource};
 use pyrunner_worker::sandbox::sys::{Entry, EntryPlan, PrivateMounts, UserNamespace};
-use pyrunner_worker::zygote::protocol::{JobHeader, SpawnSpec, ENTRY_FAILED};
+use pyrunner_worker::zygote::protocol::{JobHeader, ReadyRecord, SpawnSpec, ENTRY_FAILED};
 use seccompiler::BpfProgram;
 
 use crate::ffi::{self, Interpreter};
@@ -109,11 +109,16 @@ fn serve(
         .prepare(&spec.workdir)
         .map_err(|e| format!("cannot prepare the run: {e}"))?;
     // The address space is counted from what the child has mapped (the zygote's whole heap),
-    // so the run's own allowance will come on top of it; and the run's peak memory from what
-    // it has resident (the zygote's pages it maps). Read now, off the request path.
+    // so the run's own allowance will come on top of it. Where no cgroup counts the run, the
+    // worker counts its CPU time and peak memory from what the child used and had resident
+    // (the zygote's pages it maps) by now: the sandbox entry and preparation are the service's.
     let (mapped, resident) =
         memory_bytes().map_err(|e| format!("cannot read /proc/self/statm: {e}"))?;
-    let report = ffi::write_ready().map_err(|e| format!("cannot report ready: {e}"))?;
+    let ready = ReadyRecord {
+        cpu_us: ffi::cpu_used_us(),
+        resident_kb: resident / 1024,
+    };
+    let report = ffi::write_ready(ready).map_err(|e| format!("cannot report ready: {e}"))?;
 
     let mut input = Vec::new();
     ffi::code_pipe()
@@ -123,9 +128,6 @@ fn serve(
         // The worker let this child go without a job.
         return Ok(0);
     }
-    // The run's CPU time counts from here: the child's sandbox entry and preparation are the
-    // service's, not the run's.
-    let cpu_before_us = ffi::cpu_used_us();
     let (header, code) = JobHeader::split(&input).ok_or("malformed job header")?;
     setrlimit(Resource::RLIMIT_CPU, header.cpu_secs, header.cpu_secs + 1)
         .map_err(|e| format!("cannot limit cpu time: {e}"))?;
@@ -133,7 +135,7 @@ fn serve(
     setrlimit(Resource::RLIMIT_AS, address_space, address_space)
         .map_err(|e| format!("cannot limit the address space: {e}"))?;
     let exit = interpreter.serve(code);
-    ffi::end_run(exit, report, cpu_before_us, resident / 1024);
+    ffi::end_run(exit, report, header.exit_awaited);
     Ok(exit)
 }
 

@@ -20,7 +20,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyModule};
 use pyrunner_worker::sandbox::sys::{self, CODE_FD, REPORT_FD};
-use pyrunner_worker::zygote::protocol::{EndRecord, CONTROL_FD, READY};
+use pyrunner_worker::zygote::protocol::{EndRecord, ReadyRecord, CONTROL_FD};
 use thiserror::Error;
 
 /// The interpreter cannot be made ready.
@@ -265,13 +265,17 @@ fn report_identity() -> Option<PipeId> {
         .map(|st| (st.st_dev, st.st_ino))
 }
 
-/// Tells the worker that this child is in its sandbox and waits for its job; returns the
-/// identity of the report pipe.
-pub fn write_ready() -> io::Result<PipeId> {
+/// Tells the worker that this child is in its sandbox and waits for its job, with what it has
+/// used so far; returns the identity of the report pipe.
+pub fn write_ready(record: ReadyRecord) -> io::Result<PipeId> {
     // SAFETY: after `enter_sandbox` descriptor 4 is the run's report pipe; it is borrowed for
     // one write and stays open for the harness.
     let report = unsafe { std::os::fd::BorrowedFd::borrow_raw(REPORT_FD) };
-    nix::unistd::write(report, &[READY]).map_err(io::Error::from)?;
+    // Far below PIPE_BUF, so written whole or not at all.
+    let bytes = record.bytes();
+    if nix::unistd::write(report, &bytes).map_err(io::Error::from)? != bytes.len() {
+        return Err(io::Error::other("short write"));
+    }
     report_identity().ok_or_else(|| io::Error::other("the report pipe is gone"))
 }
 
@@ -292,19 +296,9 @@ pub fn cpu_used_us() -> u64 {
 /// Ends a run that returned `exit`: writes the end record to the report pipe (if descriptor 4
 /// still is the pipe `report`: the run may have closed it and opened a file in its place), then
 /// closes every descriptor, so that the worker sees the run's output complete before the
-/// process exits. The record's CPU time is what was used since `cpu_before_us` (taken when
-/// the job came), not the child's preparation before it, and its peak memory what the resident
-/// set grew past `resident_before_kb`.
-pub fn end_run(exit: i32, report: PipeId, cpu_before_us: u64, resident_before_kb: u64) {
-    use nix::sys::resource::{getrusage, UsageWho};
-    // The run's own peak: the resident set's peak less what the child had resident when the job
-    // came, the zygote's pages it maps (about 60 MiB, which every run would report otherwise).
-    let peak_kb = getrusage(UsageWho::RUSAGE_SELF).map_or(0, |u| u.max_rss().max(0) as u64);
-    let record = EndRecord {
-        exit,
-        cpu_ms: cpu_used_us().saturating_sub(cpu_before_us) / 1000,
-        peak_rss_kb: peak_kb.saturating_sub(resident_before_kb),
-    };
+/// process exits. Unless `exit_awaited`, the process then exits at the lowest priority.
+pub fn end_run(exit: i32, report: PipeId, exit_awaited: bool) {
+    let record = EndRecord { exit };
     if report_identity() == Some(report) {
         // SAFETY: descriptor 4 is the run's report pipe (just checked), left open by the
         // harness (closefd=False); it is borrowed for this write only.
@@ -314,6 +308,10 @@ pub fn end_run(exit: i32, report: PipeId, cpu_before_us: u64, resident_before_kb
     // SAFETY: close_range only closes descriptors; the process exits right after, and no
     // object that owns one of them is used again.
     unsafe { libc::syscall(libc::SYS_close_range, 0u32, libc::c_uint::MAX, 0u32) };
+    if exit_awaited {
+        // The worker answers once the kernel has reported the exit.
+        return;
+    }
     // The worker answers on the closed pipes; what remains is the exit, which drops the address
     // space shared with the zygote (about a millisecond of CPU). At the lowest priority it gives
     // way at once to the task the closed pipes just woke (the worker's reader, often placed on

@@ -230,7 +230,7 @@ fn reap(children: &mut HashMap<i32, Child>, control: &OwnedFd) {
             let event = Event::Exited {
                 token,
                 status,
-                cpu_ms: reaped.cpu_ms,
+                cpu_us: reaped.cpu_us,
                 peak_rss_kb: reaped.peak_rss_kb,
             };
             // A worker that has gone away no longer needs to know; the loop sees the socket

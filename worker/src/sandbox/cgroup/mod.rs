@@ -1,7 +1,8 @@
 //! Per-slot control groups: memory, pids and, where the host has the controller, cpu, for each
 //! run slot, so that a run's limits hold for all of its processes together (rlimits hold per
 //! process only: a run forking 64 processes could otherwise use 64 times its memory limit), and
-//! a run's processes and threads together use at most so many cores.
+//! a run's processes and threads together use at most so many cores. The groups also count what
+//! a run used, CPU time and peak memory, of all its processes, as the kernel saw it.
 //!
 //! Two hierarchies, whichever holds the host's limit controllers: cgroup v1 (`v1`), where a
 //! hybrid host keeps them, else cgroup v2 (`v2`), the unified hierarchy of current hosts. The
@@ -60,6 +61,9 @@ pub struct CgroupUsage {
     /// Highest memory use of the whole run (all processes, page cache included), in KiB, where
     /// the kernel can count it per run.
     pub peak_kb: Option<u64>,
+    /// CPU time of all the run's processes, waited for or not, in microseconds, where the slot's
+    /// group counts it.
+    pub cpu_us: Option<u64>,
 }
 
 /// What [`SlotCgroups::usage`] compares a run's end with, taken as the run starts.
@@ -68,6 +72,23 @@ pub struct RunWatch {
     oom_kills_before: u64,
     /// v2: `memory.peak`, reset for the run through this descriptor.
     peak: Option<File>,
+    /// Whether the usage will have the run's peak: v1 always, v2 with `peak`.
+    peak_counted: bool,
+    /// The CPU time the slot's group had used as the run started, in microseconds, where it
+    /// counts it.
+    cpu_before_us: Option<u64>,
+}
+
+impl RunWatch {
+    /// Whether the run's usage will have both its CPU time and its peak memory.
+    pub fn counts_run(&self) -> bool {
+        self.peak_counted && self.cpu_before_us.is_some()
+    }
+
+    /// The CPU time used since the run started, from the group's counter now.
+    fn cpu_since(&self, now_us: Option<u64>) -> Option<u64> {
+        Some(now_us?.saturating_sub(self.cpu_before_us?))
+    }
 }
 
 /// The cgroup version whose hierarchies hold the slots' groups on this host.
@@ -175,7 +196,12 @@ impl SlotCgroups {
             (Groups::V2(_), Ok(Hierarchy::V2(base))) => {
                 format!("cgroup v2, one group per slot in {}", base.dir().display())
             }
-            _ => "cgroup v1, one group per slot and controller".to_owned(),
+            (Groups::V1(groups), _) if groups.counts_cpu() => {
+                "cgroup v1, one group per slot and controller".to_owned()
+            }
+            _ => "cgroup v1, one group per slot and controller; no cpuacct, so a run's CPU \
+                  time leaves out its processes never waited for"
+                .to_owned(),
         }
     }
 
@@ -214,8 +240,8 @@ impl SlotCgroups {
         }
     }
 
-    /// Sets the memory limit of the next run and starts watching it: its peak, and its OOM
-    /// kills.
+    /// Sets the memory limit of the next run and starts watching it: its peak, its CPU time
+    /// and its OOM kills.
     pub fn prepare(&self, memory_bytes: u64) -> Result<RunWatch, CgroupError> {
         match &self.0 {
             Groups::V1(groups) => groups.prepare(memory_bytes),

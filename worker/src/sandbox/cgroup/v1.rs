@@ -1,5 +1,5 @@
-//! cgroup v1: a memory, a pids and (where the host has the controller) a cpu group per slot, in
-//! the hierarchies where a hybrid host keeps its limit controllers.
+//! cgroup v1: a memory, a pids and (where the host has the controllers) a cpu and a cpuacct
+//! group per slot, in the hierarchies where a hybrid host keeps its limit controllers.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,18 @@ fn cpu_available() -> bool {
         && nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
+/// Whether this host has a writable v1 cpuacct hierarchy (to count each run's CPU time).
+fn cpuacct_available() -> bool {
+    let dir = Path::new(ROOT).join("cpuacct");
+    dir.join("cpuacct.usage").is_file()
+        && nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
+}
+
+/// The CPU time a v1 cpuacct group has used, in microseconds.
+fn cpu_used_us(cpuacct: &Path) -> Option<u64> {
+    read_u64(&cpuacct.join("cpuacct.usage")).map(|ns| ns / 1000)
+}
+
 /// The `oom_kill` counter of a v1 memory cgroup.
 fn oom_kills(memory: &Path) -> u64 {
     fs::read_to_string(memory.join("memory.oom_control"))
@@ -44,6 +56,9 @@ pub(super) struct SlotGroups {
     pids: PathBuf,
     /// The cpu group, where the host has a writable cpu hierarchy and a quota is asked for.
     cpu: Option<PathBuf>,
+    /// The cpuacct group, where the host has a writable cpuacct hierarchy (it may be the cpu
+    /// group, where the host mounts the two controllers together).
+    cpuacct: Option<PathBuf>,
     /// The memory limit last written, in bytes (0 before the first): most runs of a slot have
     /// the same limit, and each write is a file operation on the request path.
     memory_limit: AtomicU64,
@@ -55,11 +70,14 @@ impl SlotGroups {
         let root = Path::new(ROOT);
         let make = |controller: &str| -> Result<PathBuf, CgroupError> {
             let path = root.join(controller).join(PARENT).join(name);
-            fs::create_dir_all(&path).map_err(|source| CgroupError::Create {
-                path: path.clone(),
-                source,
-            })?;
-            Ok(path)
+            fs::create_dir_all(&path)
+                // One path per group where the host mounts controllers together (`cpu` and
+                // `cpuacct` are links to `cpu,cpuacct`), so that a child joins it once.
+                .and_then(|()| fs::canonicalize(&path))
+                .map_err(|source| CgroupError::Create {
+                    path: path.clone(),
+                    source,
+                })
         };
         let cpu = match limits.cpus {
             Some(cpus) if cpu_available() => {
@@ -73,10 +91,12 @@ impl SlotGroups {
             }
             _ => None,
         };
+        let cpuacct = cpuacct_available().then(|| make("cpuacct")).transpose()?;
         let groups = Self {
             memory: make("memory")?,
             pids: make("pids")?,
             cpu,
+            cpuacct,
             memory_limit: AtomicU64::new(0),
         };
         write(
@@ -90,11 +110,28 @@ impl SlotGroups {
 
     /// The `cgroup.procs` files to join.
     pub(super) fn procs_paths(&self) -> Vec<PathBuf> {
-        [Some(&self.memory), Some(&self.pids), self.cpu.as_ref()]
+        let groups = [
+            Some(&self.memory),
+            Some(&self.pids),
+            self.cpu.as_ref(),
+            self.cpuacct.as_ref(),
+        ];
+        let mut paths: Vec<PathBuf> = Vec::new();
+        for path in groups
             .into_iter()
             .flatten()
             .map(|dir| dir.join("cgroup.procs"))
-            .collect()
+        {
+            if !paths.contains(&path) {
+                paths.push(path);
+            }
+        }
+        paths
+    }
+
+    /// Whether the slot has a cpuacct group, which counts its runs' CPU time.
+    pub(super) fn counts_cpu(&self) -> bool {
+        self.cpuacct.is_some()
     }
 
     /// The CPU quota of the slot, in cores, if it has a cpu group.
@@ -120,6 +157,8 @@ impl SlotGroups {
         Ok(RunWatch {
             oom_kills_before: oom_kills(&self.memory),
             peak: None,
+            peak_counted: true,
+            cpu_before_us: self.cpuacct.as_deref().and_then(cpu_used_us),
         })
     }
 
@@ -146,6 +185,7 @@ impl SlotGroups {
         CgroupUsage {
             oom_killed: oom_kills(&self.memory) > watch.oom_kills_before,
             peak_kb: read_u64(&self.memory.join("memory.max_usage_in_bytes")).map(|b| b / 1024),
+            cpu_us: watch.cpu_since(self.cpuacct.as_deref().and_then(cpu_used_us)),
         }
     }
 }

@@ -326,9 +326,12 @@ impl SlotGroup {
             write(&self.dir.join("memory.max"), &memory_bytes.to_string())?;
             self.memory_limit.store(memory_bytes, Ordering::Relaxed);
         }
+        let peak = self.reset_peak();
         Ok(RunWatch {
             oom_kills_before: self.oom_kills(),
-            peak: self.reset_peak(),
+            peak_counted: peak.is_some(),
+            peak,
+            cpu_before_us: self.cpu_used_us(),
         })
     }
 
@@ -343,6 +346,14 @@ impl SlotGroup {
             .ok()?;
         peak.write_all(b"reset").ok()?;
         Some(peak)
+    }
+
+    /// The CPU time the slot's group has used, in microseconds (`cpu.stat` has it whether or
+    /// not the cpu controller is enabled).
+    fn cpu_used_us(&self) -> Option<u64> {
+        fs::read_to_string(self.dir.join("cpu.stat"))
+            .ok()
+            .and_then(|stat| super::counter(&stat, "usage_usec"))
     }
 
     /// The `oom_kill` counter of the slot's group and its descendants.
@@ -364,6 +375,7 @@ impl SlotGroup {
         CgroupUsage {
             oom_killed: self.oom_kills() > watch.oom_kills_before,
             peak_kb,
+            cpu_us: watch.cpu_since(self.cpu_used_us()),
         }
     }
 }
