@@ -1,7 +1,8 @@
 //! The Kubernetes manifests (`deploy/k8s`) against the Kubernetes schemas, offline, with
 //! `kubernetes-validate --strict` (scripts/test installs it): every manifest file, and, where
 //! `kubectl` is installed, what each kustomization renders. KEDA's kinds have no schema there;
-//! their references are checked here instead.
+//! their references are checked here instead. And the worker's AppArmor profile
+//! (`deploy/apparmor`) through AppArmor's parser (scripts/test unpacks it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,6 +38,19 @@ fn validate(files: &[PathBuf]) -> String {
         );
     }
     text
+}
+
+/// The path of `to` from directory `from`, both made absolute first.
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let (from, to) = (from.canonicalize().unwrap(), to.canonicalize().unwrap());
+    let common = from
+        .components()
+        .zip(to.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut path: PathBuf = from.components().skip(common).map(|_| "..").collect();
+    path.extend(to.components().skip(common));
+    path
 }
 
 fn manifests(dir: &Path, found: &mut Vec<PathBuf>) {
@@ -86,10 +100,28 @@ fn each_kustomization_renders_valid_resources() {
         return;
     }
     let rendered = tempfile::tempdir().unwrap();
-    for overlay in ["base", "dev"] {
+    // The AppArmor component is a kustomization of its own only with a base; this one lives
+    // under the build's directory (kustomize takes relative paths only).
+    let with_apparmor = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let deploy = relative(with_apparmor.path(), &deploy_dir());
+    std::fs::write(
+        with_apparmor.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+             resources: [{}]\ncomponents: [{}]\n",
+            deploy.join("base").display(),
+            deploy.join("apparmor").display()
+        ),
+    )
+    .unwrap();
+    for (overlay, dir) in [
+        ("base", deploy_dir().join("base")),
+        ("dev", deploy_dir().join("dev")),
+        ("apparmor", with_apparmor.path().to_path_buf()),
+    ] {
         let out = Command::new("kubectl")
             .arg("kustomize")
-            .arg(deploy_dir().join(overlay))
+            .arg(dir)
             .output()
             .unwrap();
         assert!(
@@ -108,6 +140,9 @@ fn each_kustomization_renders_valid_resources() {
             "{overlay}"
         );
         assert!(!yaml.contains("privileged: true"), "{overlay}");
+        // The workers' AppArmor profile: their own with the component, else Unconfined.
+        let own_profile = "appArmorProfile:\n            localhostProfile: pyrunner-worker\n            type: Localhost";
+        assert_eq!(yaml.contains(own_profile), overlay == "apparmor", "{yaml}");
         if overlay == "dev" {
             // KEDA scales the workers' Deployment on the queues the service declares.
             assert!(yaml.contains("kind: ScaledObject"), "{yaml}");
@@ -119,4 +154,38 @@ fn each_kustomization_renders_valid_resources() {
             assert!(yaml.contains("name: pyrunner-connections"), "{yaml}");
         }
     }
+}
+
+/// Compiles an AppArmor profile with AppArmor's parser, without loading it.
+fn compile_apparmor_profile(profile: &Path) -> std::process::Output {
+    let dir = PathBuf::from(std::env::var("PYRUNNER_APPARMOR_DIR").unwrap_or_else(|_| "/".into()));
+    let parser = dir.join("sbin/apparmor_parser");
+    Command::new(&parser)
+        .args(["--skip-kernel-load", "--skip-cache", "--base"])
+        .arg(dir.join("etc/apparmor.d"))
+        .arg(profile)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}); scripts/test unpacks it, or set PYRUNNER_APPARMOR_DIR",
+                parser.display()
+            )
+        })
+}
+
+#[test]
+fn the_workers_apparmor_profile_compiles() {
+    let profile = deploy_dir().join("../apparmor/pyrunner-worker");
+    let out = compile_apparmor_profile(&profile);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The parser does refuse a profile it cannot read: a rule the grammar lacks.
+    let broken = tempfile::tempdir().unwrap();
+    let copy = broken.path().join("pyrunner-worker");
+    let text = std::fs::read_to_string(&profile).unwrap();
+    std::fs::write(&copy, text.replace("  file,", "  file everything,")).unwrap();
+    assert!(!compile_apparmor_profile(&copy).status.success());
 }

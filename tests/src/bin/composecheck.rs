@@ -166,7 +166,7 @@ fn check_containers(stack: &Stack) -> String {
             assert_eq!(host["CapDrop"], json!(["ALL"]), "the worker's capabilities");
             assert_eq!(host["Privileged"], false, "the worker is privileged");
             assert!(
-                options.contains("apparmor=unconfined"),
+                options.contains("apparmor=pyrunner-worker"),
                 "the worker's AppArmor setting: {options}"
             );
             let status = exec(id, &["grep", "CapEff", "/proc/1/status"]);
@@ -355,6 +355,21 @@ impl Stack {
             .parent()
             .expect("the repository")
             .to_path_buf();
+        // On a host that enforces AppArmor, the workers' profile must be loaded before they
+        // start (the compose file names it); elsewhere Docker ignores the setting.
+        let apparmor = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled");
+        if apparmor.is_ok_and(|enabled| enabled.trim() == "Y") {
+            let profile = repo.join("deploy/apparmor/pyrunner-worker");
+            let loaded = Command::new("apparmor_parser")
+                .arg("--replace")
+                .arg(&profile)
+                .status();
+            assert!(
+                loaded.as_ref().is_ok_and(|s| s.success()),
+                "cannot load {} (apparmor_parser, from Debian's apparmor): {loaded:?}",
+                profile.display()
+            );
+        }
         let mut files = vec![repo.join("docker-compose.yml")];
         let cgroups = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
         if cgroups {
