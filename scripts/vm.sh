@@ -65,7 +65,9 @@ vm_make_root() {
   echo runner:100000:65536 | tee "$root/etc/subuid" >"$root/etc/subgid"
   cp -L /etc/localtime "$root/etc/localtime"
   cp "$apparmor/sbin/apparmor_parser" "$root/usr/sbin/"
-  mkdir -p "$root/etc/apparmor.d"
+  mkdir -p "$root/etc/apparmor.d" "$root/etc/apparmor"
+  # The parser warns without its configuration (and dockerd misreads its version then).
+  touch "$root/etc/apparmor/parser.conf"
   cp -a "$apparmor"/etc/apparmor.d/{abi,abstractions,tunables} "$root/etc/apparmor.d/"
   cp "$repo/deploy/apparmor/pyrunner-worker" "$root/etc/apparmor.d/"
 }
@@ -84,7 +86,8 @@ vm_copy_libs() {
       find "$PYRUNNER_RUNTIME_DIR" -type f \( -name '*.so' -o -name '*.so.*' -o -path '*/bin/python3*' \)
     fi
   } | while read -r elf; do
-    LD_LIBRARY_PATH=$PYRUNNER_RUNTIME_DIR/python/lib ldd "$elf" 2>/dev/null |
+    # (Static programs and scripts have none: ldd fails on them.)
+    { LD_LIBRARY_PATH=$PYRUNNER_RUNTIME_DIR/python/lib ldd "$elf" 2>/dev/null || true; } |
       awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'
   done | sort -u | while read -r lib; do
     case $lib in "$PYRUNNER_RUNTIME_DIR"/*) continue ;; esac

@@ -6,8 +6,10 @@
 //! checks; exits non-zero at the first that fails, after taking the stack down.
 //!
 //! Usage (as root, with a Docker engine and Compose v2: `scripts/compose-test` sets them up):
-//!   composecheck [--keep] [--workers N]
+//!   composecheck [--keep] [--workers N] [--no-build] [--repo DIR]
 //! `--keep` leaves the stack running (`docker compose -p pyrunner-check ... down -v` removes it).
+//! `--no-build` uses the images there are (loaded, on a machine that cannot build them), and
+//! `--repo` names the directory of the compose files (default: the source tree built from).
 //! Everything is bounded: each wait has a deadline, and the api is published on a free loopback
 //! port only.
 
@@ -30,11 +32,23 @@ const START_FOR: Duration = Duration::from_secs(240);
 
 fn main() {
     let mut keep = false;
+    let mut build = true;
+    let mut repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the repository")
+        .to_path_buf();
     let mut workers = 2;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--keep" => keep = true,
+            "--no-build" => build = false,
+            "--repo" => {
+                repo = args
+                    .next()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| usage("--repo takes a directory"))
+            }
             "--workers" => {
                 workers = args
                     .next()
@@ -45,7 +59,7 @@ fn main() {
             _ => usage(&format!("unknown argument {arg:?}")),
         }
     }
-    let stack = Stack::new(workers, keep);
+    let stack = Stack::new(repo, workers, keep, build);
     let mut report = Report::default();
     let passed = checks::passed(check(&stack, &mut report));
     report.print();
@@ -59,16 +73,20 @@ fn main() {
 }
 
 fn usage(problem: &str) -> ! {
-    eprintln!("error: {problem}\nusage: composecheck [--keep] [--workers N]");
+    eprintln!(
+        "error: {problem}\nusage: composecheck [--keep] [--workers N] [--no-build] [--repo DIR]"
+    );
     std::process::exit(2);
 }
 
 /// The checks, in order; each panics with what differed.
 async fn check(stack: &Stack, report: &mut Report) {
-    report.timed("images build (`docker compose build`)", || {
-        stack.compose(&["build"], BUILD_FOR);
-        String::new()
-    });
+    if stack.build {
+        report.timed("images build (`docker compose build`)", || {
+            stack.compose(&["build"], BUILD_FOR);
+            String::new()
+        });
+    }
     report.timed("images: tini as init, a HEALTHCHECK, the user", || {
         check_images()
     });
@@ -169,6 +187,15 @@ fn check_containers(stack: &Stack) -> String {
                 options.contains("apparmor=pyrunner-worker"),
                 "the worker's AppArmor setting: {options}"
             );
+            if stack.apparmor {
+                // Docker applied it: the container's processes are held by it.
+                let held = exec(id, &["cat", "/proc/1/attr/current"]);
+                assert_eq!(
+                    held.trim(),
+                    "pyrunner-worker (enforce)",
+                    "the worker's profile"
+                );
+            }
             let status = exec(id, &["grep", "CapEff", "/proc/1/status"]);
             // SYS_ADMIN, SYS_CHROOT, SETUID, SETGID, CHOWN, DAC_OVERRIDE and KILL.
             assert_eq!(
@@ -210,12 +237,20 @@ fn check_containers(stack: &Stack) -> String {
             "{service}'s restart policy"
         );
     }
-    "only the api published, on 127.0.0.1; read-only api; worker: 7 capabilities; all healthy"
-        .to_owned()
+    let apparmor = if stack.apparmor {
+        ", under AppArmor profile pyrunner-worker"
+    } else {
+        ""
+    };
+    format!(
+        "only the api published, on 127.0.0.1; read-only api; worker: 7 capabilities{apparmor}; \
+         all healthy"
+    )
 }
 
 /// Each worker logs the layers its runs get; `/isolation` reports them. Inside Docker with the
-/// compose file's settings every layer is expected, cgroups too when the v1 file is added.
+/// compose file's settings every layer is expected, cgroups too on a cgroup v2 host or when the
+/// v1 file is added.
 async fn check_isolation(base: &str, stack: &Stack) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     let report = loop {
@@ -344,21 +379,23 @@ struct Stack {
     files: Vec<PathBuf>,
     port: u16,
     workers: usize,
-    /// Whether the cgroup v1 compose file is added (the host's limit controllers are v1).
+    /// Whether the runs get cgroups: on a cgroup v2 host, or with the cgroup v1 compose file
+    /// (added where the host's limit controllers are v1).
     cgroups: bool,
+    /// Whether the host enforces AppArmor (the workers then run under their profile).
+    apparmor: bool,
     keep: bool,
+    /// Whether the images are built first.
+    build: bool,
 }
 
 impl Stack {
-    fn new(workers: usize, keep: bool) -> Stack {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("the repository")
-            .to_path_buf();
+    fn new(repo: PathBuf, workers: usize, keep: bool, build: bool) -> Stack {
         // On a host that enforces AppArmor, the workers' profile must be loaded before they
         // start (the compose file names it); elsewhere Docker ignores the setting.
-        let apparmor = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled");
-        if apparmor.is_ok_and(|enabled| enabled.trim() == "Y") {
+        let apparmor = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+            .is_ok_and(|enabled| enabled.trim() == "Y");
+        if apparmor {
             let profile = repo.join("deploy/apparmor/pyrunner-worker");
             let loaded = Command::new("apparmor_parser")
                 .arg("--replace")
@@ -371,17 +408,22 @@ impl Stack {
             );
         }
         let mut files = vec![repo.join("docker-compose.yml")];
-        let cgroups = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
-        if cgroups {
+        let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
+        if v1 {
             files.push(repo.join("docker-compose.cgroup-v1.yml"));
         }
+        let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+        let cgroups = v1 || v2;
         let stack = Stack {
             repo,
             files,
             port: pyrunner_tests::fleet::free_port(),
             workers,
             cgroups,
+            apparmor,
             keep,
+            build,
         };
         // A project left by an earlier run would keep its volume and its containers' state.
         stack.down();
