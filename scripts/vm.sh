@@ -50,7 +50,7 @@ vm_fetch_apparmor() {
 }
 
 # Makes the machine's root directory $1: busybox, the users (root, runner with a subordinate
-# range, nobody), the time zone, and AppArmor's parser with its includes and the worker's
+# range, solo without one, nobody), the time zone, and AppArmor's parser with its includes and the worker's
 # profile. The caller adds its programs, then calls vm_copy_libs.
 vm_make_root() {
   local root=$1
@@ -59,8 +59,9 @@ vm_make_root() {
   for dir in bin sbin lib lib64; do ln -s "usr/$dir" "$root/$dir"; done
   cp /bin/busybox "$root/usr/bin/busybox"
   printf '%s\n' root:x:0:0:root:/root:/bin/sh runner:x:1000:1000:runner:/tmp:/bin/sh \
-    nobody:x:65534:65534:nobody:/nonexistent:/bin/false >"$root/etc/passwd"
-  printf '%s\n' root:x:0: runner:x:1000: nogroup:x:65534: >"$root/etc/group"
+    solo:x:1001:1001:solo:/tmp:/bin/sh nobody:x:65534:65534:nobody:/nonexistent:/bin/false \
+    >"$root/etc/passwd"
+  printf '%s\n' root:x:0: runner:x:1000: solo:x:1001: nogroup:x:65534: >"$root/etc/group"
   # The rootless start's user has a subordinate range, as useradd gives one.
   echo runner:100000:65536 | tee "$root/etc/subuid" >"$root/etc/subgid"
   cp -L /etc/localtime "$root/etc/localtime"

@@ -178,20 +178,19 @@ impl ExecutorArgs {
             max_processes: self.max_processes,
             cpus: (self.cpus_per_run > 0.0).then_some(self.cpus_per_run),
         };
-        let slot_uids = if sandbox::sys::is_host_root() {
-            Some((base..base.saturating_add(UID_RANGE), Some(limits)))
+        let lock_dir = self.slot_lock_dir();
+        let slots = if sandbox::sys::is_host_root() {
+            let uids = base..base.saturating_add(UID_RANGE);
+            SlotPool::with_uids(slot_count, uids, &lock_dir, Some(limits))?
         } else if sandbox::sys::is_root() {
             // Root of a user namespace of its own: ids of a subordinate range, if it maps one,
-            // and cgroups where a cgroup v2 group is delegated to its user.
-            idmap::own_slot_ids(base, UID_RANGE).map(|uids| (uids, Some(limits)))
-        } else {
-            None
-        };
-        let slots = match slot_uids {
-            Some((uids, limits)) => {
-                SlotPool::with_uids(slot_count, uids, &self.slot_lock_dir(), limits)?
+            // and cgroups where a cgroup v2 group is delegated to its user, with ids or without.
+            match idmap::own_slot_ids(base, UID_RANGE) {
+                Some(uids) => SlotPool::with_uids(slot_count, uids, &lock_dir, Some(limits))?,
+                None => SlotPool::without_uids(slot_count, 0..UID_RANGE, &lock_dir, limits)?,
             }
-            None => SlotPool::new(slot_count),
+        } else {
+            SlotPool::new(slot_count)
         };
         let work_err = |source| SetupError::WorkDir {
             path: self.work_dir.clone(),

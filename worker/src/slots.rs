@@ -111,29 +111,59 @@ impl SlotPool {
         lock_dir: &Path,
         limits: Option<CgroupLimits>,
     ) -> Result<Self, SlotError> {
+        Self::claim(size, uids, lock_dir, limits, true)
+    }
+
+    /// A pool of `size` slots that keep the worker's own identity but have cgroups of their
+    /// own, with `limits`, where the host has them (a worker without real root and without a
+    /// subordinate range, in a delegated cgroup v2 group). Each slot's number is claimed from
+    /// `numbers` through a lock file in `lock_dir`, as a uid is, so that the workers sharing
+    /// the delegated group never share a slot's group.
+    pub fn without_uids(
+        size: usize,
+        numbers: Range<u32>,
+        lock_dir: &Path,
+        limits: CgroupLimits,
+    ) -> Result<Self, SlotError> {
+        if !cgroup::available() {
+            return Ok(Self::new(size));
+        }
+        Self::claim(size, numbers, lock_dir, Some(limits), false)
+    }
+
+    /// Claims `size` ids of `ids` through lock files in `lock_dir`; each names a slot's
+    /// cgroups and, `with_uids`, is also the slot's uid.
+    fn claim(
+        size: usize,
+        ids: Range<u32>,
+        lock_dir: &Path,
+        limits: Option<CgroupLimits>,
+        with_uids: bool,
+    ) -> Result<Self, SlotError> {
         let cgroup_limit = limits.filter(|_| cgroup::available());
         own_lock_dir(lock_dir)?;
+        let kind = if with_uids { "uid" } else { "slot" };
         let mut states = Vec::new();
-        for uid in uids.clone() {
+        for id in ids.clone() {
             if states.len() == size.max(1) {
                 break;
             }
-            let Ok(file) = File::create(lock_dir.join(format!("uid-{uid}.lock"))) else {
+            let Ok(file) = File::create(lock_dir.join(format!("{kind}-{id}.lock"))) else {
                 continue;
             };
             if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 let cgroups = cgroup_limit
-                    .map(|limits| SlotCgroups::create(uid, limits))
+                    .map(|limits| SlotCgroups::create(&format!("{kind}-{id}"), limits))
                     .transpose()?;
                 states.push(SlotState {
-                    uid: Some(uid),
+                    uid: with_uids.then_some(id),
                     cgroups,
                     _lock: Some(lock),
                 });
             }
         }
         if states.len() < size.max(1) {
-            return Err(SlotError::Exhausted(uids));
+            return Err(SlotError::Exhausted(ids));
         }
         Ok(Self::from_states(states))
     }

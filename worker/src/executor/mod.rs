@@ -252,8 +252,8 @@ impl Executor {
             None => LayerStatus::inactive(
                 cgroup::unavailable_reason()
                     .unwrap_or(
-                        "the slots have no ids of their own to name their groups by (the worker \
-                         is not the host's root, and has no subordinate ids)",
+                        "the worker is neither the host's root nor root of a user namespace of its \
+                         own",
                     )
                     .to_owned(),
             ),

@@ -258,11 +258,8 @@ pub fn enter_own_user_namespace_unless_root() {
         .flatten()
         .map_or_else(|| uid.to_string(), |user| user.name);
     let subordinate = idmap::Subordinate::find(&name, uid.as_raw(), gid.as_raw());
-    if subordinate.is_ok() {
-        // Slots with ids of their own get cgroups in the user's delegated cgroup v2 group, if
-        // it has one.
-        cgroup::look_for_hierarchy_early();
-    }
+    // The slots get cgroups in the user's delegated cgroup v2 group, if it has one.
+    cgroup::look_for_hierarchy_early();
     let map = subordinate.as_ref().ok().map(|s| move |pid| s.map(pid));
     let mapped = match sys::become_root_of_own_user_namespace(
         map.as_ref().map(|m| m as &dyn Fn(i32) -> io::Result<()>),

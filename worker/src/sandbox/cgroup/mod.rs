@@ -175,15 +175,14 @@ enum Groups {
 }
 
 impl SlotCgroups {
-    /// Creates (or reuses) the groups of the slot with `uid`, with `limits`, in the hierarchy
-    /// [`available`] found.
-    pub fn create(uid: u32, limits: CgroupLimits) -> Result<Self, CgroupError> {
-        let name = format!("uid-{uid}");
+    /// Creates (or reuses) the groups of the slot named `name` (`uid-N` for a slot with uid N),
+    /// with `limits`, in the hierarchy [`available`] found.
+    pub fn create(name: &str, limits: CgroupLimits) -> Result<Self, CgroupError> {
         match hierarchy() {
-            Ok(Hierarchy::V1) => v1::SlotGroups::create(&name, limits).map(Groups::V1),
-            Ok(Hierarchy::V2(base)) => v2::SlotGroup::create(base, &name, limits).map(Groups::V2),
+            Ok(Hierarchy::V1) => v1::SlotGroups::create(name, limits).map(Groups::V1),
+            Ok(Hierarchy::V2(base)) => v2::SlotGroup::create(base, name, limits).map(Groups::V2),
             Err(reason) => Err(CgroupError::Create {
-                path: PathBuf::from(&name),
+                path: PathBuf::from(name),
                 source: io::Error::other(reason),
             }),
         }
