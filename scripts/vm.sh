@@ -74,12 +74,13 @@ vm_make_root() {
 }
 
 # Copies into root $1 the shared libraries of the programs in $root/opt/pyrunner,
-# $root/usr/sbin and $root/usr/bin (busybox aside), and of the Python runtime if it is there,
-# at their real paths (this host keeps /lib in /usr, as the machine does); then the loader's
-# cache.
+# $root/usr/sbin, $root/usr/bin (busybox aside), $root/usr/libexec and the further directories
+# given (of the root), and of the Python runtime if it is there, at their real paths (this host
+# keeps /lib in /usr, as the machine does); then the loader's cache.
 vm_copy_libs() {
   local root=$1
-  local dirs=("$root"/opt/pyrunner "$root"/usr/sbin "$root"/usr/bin)
+  shift
+  local dirs=("$root"/opt/pyrunner "$root"/usr/sbin "$root"/usr/bin "$@")
   [ -d "$root/usr/libexec" ] && dirs+=("$root/usr/libexec")
   {
     find "${dirs[@]}" -type f ! -name busybox

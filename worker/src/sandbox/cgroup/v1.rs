@@ -12,28 +12,25 @@ const ROOT: &str = "/sys/fs/cgroup";
 /// The parent group of every slot group, in each hierarchy.
 const PARENT: &str = "pyrunner";
 
+/// Whether this host has a writable v1 hierarchy for `controller`, whose root has `file`.
+fn writable(controller: &str, file: &str) -> bool {
+    let dir = Path::new(ROOT).join(controller);
+    dir.join(file).is_file() && nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
+}
+
 /// Whether this host has writable v1 memory and pids hierarchies.
 pub(super) fn available() -> bool {
-    let root = Path::new(ROOT);
-    ["memory", "pids"].iter().all(|c| {
-        let dir = root.join(c);
-        dir.join("cgroup.procs").is_file()
-            && nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
-    })
+    writable("memory", "cgroup.procs") && writable("pids", "cgroup.procs")
 }
 
 /// Whether this host has a writable v1 cpu hierarchy with CFS quotas.
 fn cpu_available() -> bool {
-    let dir = Path::new(ROOT).join("cpu");
-    dir.join("cpu.cfs_quota_us").is_file()
-        && nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
+    writable("cpu", "cpu.cfs_quota_us")
 }
 
 /// Whether this host has a writable v1 cpuacct hierarchy (to count each run's CPU time).
 fn cpuacct_available() -> bool {
-    let dir = Path::new(ROOT).join("cpuacct");
-    dir.join("cpuacct.usage").is_file()
-        && nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
+    writable("cpuacct", "cpuacct.usage")
 }
 
 /// The CPU time a v1 cpuacct group has used, in microseconds.
