@@ -4,8 +4,10 @@
 pub mod callers;
 pub mod catalogue;
 pub mod checks;
+pub mod cri;
 pub mod fleet;
 pub mod http;
+pub mod kubelet;
 pub mod outage;
 pub mod procfs;
 

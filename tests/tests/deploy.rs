@@ -100,24 +100,30 @@ fn each_kustomization_renders_valid_resources() {
         return;
     }
     let rendered = tempfile::tempdir().unwrap();
-    // The AppArmor component is a kustomization of its own only with a base; this one lives
-    // under the build's directory (kustomize takes relative paths only).
-    let with_apparmor = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let deploy = relative(with_apparmor.path(), &deploy_dir());
-    std::fs::write(
-        with_apparmor.path().join("kustomization.yaml"),
-        format!(
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
-             resources: [{}]\ncomponents: [{}]\n",
-            deploy.join("base").display(),
-            deploy.join("apparmor").display()
-        ),
-    )
-    .unwrap();
+    // A component is a kustomization of its own only with a base; these live under the
+    // build's directory (kustomize takes relative paths only).
+    let with_component = |component: &str| {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let deploy = relative(dir.path(), &deploy_dir());
+        std::fs::write(
+            dir.path().join("kustomization.yaml"),
+            format!(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+                 resources: [{}]\ncomponents: [{}]\n",
+                deploy.join("base").display(),
+                deploy.join(component).display()
+            ),
+        )
+        .unwrap();
+        dir
+    };
+    let with_apparmor = with_component("apparmor");
+    let with_cgroup_v1 = with_component("cgroup-v1");
     for (overlay, dir) in [
         ("base", deploy_dir().join("base")),
         ("dev", deploy_dir().join("dev")),
         ("apparmor", with_apparmor.path().to_path_buf()),
+        ("cgroup-v1", with_cgroup_v1.path().to_path_buf()),
     ] {
         let out = Command::new("kubectl")
             .arg("kustomize")
@@ -143,6 +149,17 @@ fn each_kustomization_renders_valid_resources() {
         // The workers' AppArmor profile: their own with the component, else Unconfined.
         let own_profile = "appArmorProfile:\n            localhostProfile: pyrunner-worker\n            type: Localhost";
         assert_eq!(yaml.contains(own_profile), overlay == "apparmor", "{yaml}");
+        // The v1 controllers' directories, each mounted where the worker looks for it.
+        for controller in ["memory", "pids", "cpu", "cpuacct"] {
+            let mounted = format!(
+                "mountPath: /sys/fs/cgroup/{controller}\n          name: cgroup-{controller}"
+            );
+            let volume = format!(
+                "path: /sys/fs/cgroup/{controller}/pyrunner-workers\n          type: DirectoryOrCreate"
+            );
+            assert_eq!(yaml.contains(&mounted), overlay == "cgroup-v1", "{yaml}");
+            assert_eq!(yaml.contains(&volume), overlay == "cgroup-v1", "{yaml}");
+        }
         if overlay == "dev" {
             // KEDA scales the workers' Deployment on the queues the service declares.
             assert!(yaml.contains("kind: ScaledObject"), "{yaml}");
