@@ -1,11 +1,14 @@
-//! What the check programs (`composecheck`, `cgroupcheck`) share: waiting for an api, running a
-//! catalogue through it, and the table of checks they print.
+//! What the check programs (`composecheck`, `cgroupcheck`, `nodecheck`) share: waiting for an
+//! api, a fleet's isolation layers, running a catalogue through it, and the table of checks
+//! they print.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use crate::catalogue::Case;
-use crate::http::run_cases;
+use crate::http::{get, run_cases};
 
 /// Runs `checks`, which panic at the first that fails, on a runtime of two threads; whether they
 /// all passed.
@@ -32,6 +35,41 @@ pub async fn wait_ready(base: &str, within: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Waits for a fleet's `/isolation` report (each worker logs the layers its runs get), and
+/// panics unless every layer `expected` names is active. Returns "N of M layers active" and
+/// the report.
+pub async fn fleet_layers(base: &str, expected: impl Fn(&str) -> bool) -> (String, Value) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let reply = get(&format!("{base}/isolation")).await;
+        if reply.status == 200 {
+            break reply.body;
+        }
+        assert!(Instant::now() < deadline, "/isolation: {reply:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let active: Vec<&str> = report["active"]
+        .as_array()
+        .expect("a list of active layers")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let all = pyrunner_shared::isolation::LAYERS;
+    let missing: Vec<String> = all
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| expected(name) && !active.contains(name))
+        .map(|name| format!("{name}: {}", report["layers"][name]))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "inactive layers:\n{}",
+        missing.join("\n")
+    );
+    let summary = format!("{} of {} layers active", active.len(), all.len());
+    (summary, report)
 }
 
 /// Runs a catalogue through the api's `POST /run`; panics with every case that failed.
@@ -75,6 +113,17 @@ impl Report {
         println!("..  {check}");
         let detail = found.await;
         self.add(check, started, detail);
+    }
+
+    /// Runs `cases` through the api at `base` as the check "`title`: N cases", which reports
+    /// `outcome` when every case passed.
+    pub async fn catalogue(&mut self, base: &str, title: &str, cases: Vec<Case>, outcome: &str) {
+        let check = format!("{title}: {} cases", cases.len());
+        let passed = async {
+            all_pass(base, cases, title).await;
+            outcome.to_owned()
+        };
+        self.awaited(&check, passed).await;
     }
 
     /// Prints the table.

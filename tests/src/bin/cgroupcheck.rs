@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use pyrunner_shared::RunStatus;
 use pyrunner_tests::catalogue::{hostile, statuses};
-use pyrunner_tests::checks::{self, all_pass, wait_ready, Report};
+use pyrunner_tests::checks::{self, wait_ready, Report};
 use pyrunner_tests::http::{get, run};
 use serde_json::json;
 
@@ -68,15 +68,8 @@ async fn check(base: &str, uids: bool, report: &mut Report) {
     report
         .awaited("each run's own memory peak", check_peak_per_run(base))
         .await;
-    let status = async {
-        all_pass(base, statuses(), "status").await;
-        String::from("all as documented")
-    };
     report
-        .awaited(
-            &format!("status catalogue: {} cases", statuses().len()),
-            status,
-        )
+        .catalogue(base, "status catalogue", statuses(), "all as documented")
         .await;
     let mut cases = hostile();
     for name in SLOT_UID_CASES {
@@ -88,16 +81,8 @@ async fn check(base: &str, uids: bool, report: &mut Report) {
     if !uids {
         cases.retain(|c| !SLOT_UID_CASES.contains(&c.name));
     }
-    let count = cases.len();
-    let hostile_cases = async {
-        all_pass(base, cases, "hostile").await;
-        String::from("all contained")
-    };
     report
-        .awaited(
-            &format!("hostile-code catalogue: {count} cases"),
-            hostile_cases,
-        )
+        .catalogue(base, "hostile-code catalogue", cases, "all contained")
         .await;
     let healthy = async {
         let healthy = get(&format!("{base}/healthz")).await;

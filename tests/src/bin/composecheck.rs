@@ -248,40 +248,11 @@ fn check_containers(stack: &Stack) -> String {
     )
 }
 
-/// Each worker logs the layers its runs get; `/isolation` reports them. Inside Docker with the
-/// compose file's settings every layer is expected, cgroups too on a cgroup v2 host or when the
-/// v1 file is added.
+/// Inside Docker with the compose file's settings every layer is expected, cgroups too on a
+/// cgroup v2 host or when the v1 file is added.
 async fn check_isolation(base: &str, stack: &Stack) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let report = loop {
-        let reply = get(&format!("{base}/isolation")).await;
-        if reply.status == 200 {
-            break reply.body;
-        }
-        assert!(Instant::now() < deadline, "/isolation: {reply:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let active: Vec<&str> = report["active"]
-        .as_array()
-        .expect("a list of active layers")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    let all = pyrunner_shared::isolation::LAYERS;
-    let expected = all
-        .iter()
-        .map(|(name, _)| *name)
-        .filter(|name| stack.cgroups || !name.starts_with("cgroup_"));
-    let missing: Vec<String> = expected
-        .filter(|name| !active.contains(name))
-        .map(|name| format!("{name}: {}", report["layers"][name]))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "inactive layers:\n{}",
-        missing.join("\n")
-    );
-    format!("{} of {} layers active", active.len(), all.len())
+    let expected = |name: &str| stack.cgroups || !name.starts_with("cgroup_");
+    checks::fleet_layers(base, expected).await.0
 }
 
 /// The async path and cancellation, beside the status catalogue.

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pyrunner_tests::catalogue::{hostile, statuses};
-use pyrunner_tests::checks::{self, all_pass, wait_ready, Report};
+use pyrunner_tests::checks::{self, wait_ready, Report};
 use pyrunner_tests::cri::{ContainerState, Runtime};
 use pyrunner_tests::http::get;
 use pyrunner_tests::kubelet::{deployment_pods, Node, Objects, Pod};
@@ -220,24 +220,11 @@ async fn check(
     report
         .awaited("the workers' isolation layers", check_isolation(&base))
         .await;
-    let status = async {
-        all_pass(&base, statuses(), "status").await;
-        String::from("all as documented")
-    };
     report
-        .awaited(
-            &format!("status catalogue: {} cases", statuses().len()),
-            status,
-        )
+        .catalogue(&base, "status catalogue", statuses(), "all as documented")
         .await;
-    let cases = hostile();
-    let count = cases.len();
-    let contained = async {
-        all_pass(&base, cases, "hostile").await;
-        String::from("all contained")
-    };
     report
-        .awaited(&format!("hostile-code catalogue: {count} cases"), contained)
+        .catalogue(&base, "hostile-code catalogue", hostile(), "all contained")
         .await;
     let healthy = async {
         let reply = get(&format!("{base}/healthz")).await;
@@ -406,37 +393,7 @@ async fn check_api(runtime: &Runtime, id: &str) -> String {
 
 /// Every layer is active.
 async fn check_isolation(base: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let report = loop {
-        let reply = get(&format!("{base}/isolation")).await;
-        if reply.status == 200 {
-            break reply.body;
-        }
-        assert!(Instant::now() < deadline, "/isolation: {reply:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let active: Vec<&str> = report["active"]
-        .as_array()
-        .expect("a list of active layers")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    let all = pyrunner_shared::isolation::LAYERS;
-    let missing: Vec<String> = all
-        .iter()
-        .map(|(name, _)| *name)
-        .filter(|name| !active.contains(name))
-        .map(|name| format!("{name}: {}", report["layers"][name]))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "inactive layers:\n{}",
-        missing.join("\n")
-    );
+    let (summary, report) = checks::fleet_layers(base, |_| true).await;
     let cgroup = &report["layers"]["cgroup_memory"]["detail"];
-    format!(
-        "{} of {} layers active; cgroup_memory: {cgroup}",
-        active.len(),
-        all.len()
-    )
+    format!("{summary}; cgroup_memory: {cgroup}")
 }
