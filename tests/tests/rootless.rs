@@ -1,17 +1,17 @@
 //! A service without real root: the embedded api started as an unprivileged user makes itself
 //! root of a user namespace of its own, and runs still get their namespaces, their read-only
-//! view, Landlock and seccomp; what it cannot have (cgroups, and a uid per slot unless the
-//! user has a subordinate range of ids) it reports off.
+//! view, Landlock and seccomp; what it cannot have (cgroups unless a group is delegated to its
+//! user, and a uid per slot unless the user has a subordinate range of ids) it reports off.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pyrunner_shared::RunStatus;
 use pyrunner_tests::catalogue::{
-    case, forged_end_record, no_check, preparation_is_not_counted, Case,
+    case, forged_end_record, hostile, no_check, preparation_is_not_counted, Case,
 };
 use pyrunner_tests::fleet::{binary, free_port};
 use pyrunner_tests::http::{get, run, run_cases};
@@ -71,6 +71,13 @@ const SUBORDINATE_COUNT: u32 = 65_536;
 /// are not touched), and `newuidmap` and `newgidmap` read them there. `dir` holds the files
 /// and the api's work dir.
 async fn start_as_nobody_with_subordinate_ids(dir: &Path) -> Api {
+    start_as_nobody_with_subordinate_ids_in(dir, &[]).await
+}
+
+/// As [`start_as_nobody_with_subordinate_ids`], with the api in the cgroup v1 `groups` (the
+/// group directories, one per hierarchy).
+async fn start_as_nobody_with_subordinate_ids_in(dir: &Path, groups: &[PathBuf]) -> Api {
+    let join = join_groups(groups);
     assert!(
         Path::new("/usr/bin/newuidmap").exists(),
         "newuidmap is missing: install the uidmap package (scripts/test does)"
@@ -82,12 +89,21 @@ async fn start_as_nobody_with_subordinate_ids(dir: &Path) -> Api {
         &range,
         NOBODY,
         port,
-        "shift && exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$@\"",
+        &format!("{join}shift && exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$@\""),
     )
     .arg(binary("pyrunner-api"))
     .spawn()
     .expect("start the api as nobody in a mount namespace of its own");
     wait_ready(child, port).await
+}
+
+/// A shell command line that moves the shell into the cgroup v1 `groups` (their directories),
+/// followed by ` && `; empty without groups.
+fn join_groups(groups: &[PathBuf]) -> String {
+    groups
+        .iter()
+        .map(|group| format!("echo $$ > '{}/cgroup.procs' && ", group.display()))
+        .collect()
 }
 
 /// A command that gives `dir`'s own `subuid` and `subgid`, each holding the line `range`, in
@@ -138,8 +154,8 @@ enum Remapped {
 /// the host's, as Docker's `userns-remap` (or a Kubernetes pod with `hostUsers: false`) starts a
 /// container. `unshare` maps the range with `newuidmap` and `newgidmap`, which a private
 /// `/etc/subuid` and `/etc/subgid` (bind-mounted in a mount namespace of the test's own) let root
-/// use. `dir` holds the files and the api's work dir.
-async fn start_in_remapped_user_namespace(dir: &Path, how: Remapped) -> Api {
+/// use. `dir` holds the files and the api's work dir; the api starts in the cgroup v1 `groups`.
+async fn start_in_remapped_user_namespace(dir: &Path, how: Remapped, groups: &[PathBuf]) -> Api {
     let range = format!("root:{REMAP_START}:{SUBORDINATE_COUNT}");
     let port = free_port();
     let map = format!("{REMAP_START},0,{SUBORDINATE_COUNT}");
@@ -152,8 +168,11 @@ async fn start_in_remapped_user_namespace(dir: &Path, how: Remapped) -> Api {
         &range,
         REMAP_START,
         port,
-        "map=$2 && shift 2 && exec unshare --user --map-users=$map --map-groups=$map \
-         --setuid 0 --setgid 0 \"$@\"",
+        &format!(
+            "{}map=$2 && shift 2 && exec unshare --user --map-users=$map --map-groups=$map \
+             --setuid 0 --setgid 0 \"$@\"",
+            join_groups(groups)
+        ),
     )
     .arg(map)
     .args(namespaces)
@@ -464,21 +483,27 @@ async fn without_real_root_but_with_subordinate_ids_each_slot_has_its_own_uid() 
     assert_all_pass(&api, subordinate_cases()).await;
 }
 
+/// In a container whose cgroup v1 groups are given to its remapped root (as the host's
+/// `pyrunner-workers` directories of `docker-compose.cgroup-v1.yml` would be, chowned to it), the
+/// slots also get cgroups there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_remapped_container_each_slot_has_its_own_uid_of_the_range() {
-    each_slot_has_its_own_uid_of_the_range(Remapped::AsAContainer).await;
+    let groups = DelegatedV1Groups::make(REMAP_START);
+    let delegated = groups.as_ref().map_or(&[][..], |g| &g.0[..]);
+    each_slot_has_its_own_uid_of_the_range(Remapped::AsAContainer, delegated).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_remapped_user_namespace_alone_each_slot_has_its_own_uid_of_the_range() {
-    each_slot_has_its_own_uid_of_the_range(Remapped::Alone).await;
+    each_slot_has_its_own_uid_of_the_range(Remapped::Alone, &[]).await;
 }
 
-/// The api started as root of a remapped user namespace (`how`) has every layer but cgroups,
-/// and gives each slot an id of the range.
-async fn each_slot_has_its_own_uid_of_the_range(how: Remapped) {
+/// The api started as root of a remapped user namespace (`how`) gives each slot an id of the
+/// range, and has every layer, the cgroups only where it starts in the delegated cgroup v1
+/// `groups`.
+async fn each_slot_has_its_own_uid_of_the_range(how: Remapped, groups: &[PathBuf]) {
     let dir = tempfile::tempdir().unwrap();
-    let api = start_in_remapped_user_namespace(dir.path(), how).await;
+    let api = start_in_remapped_user_namespace(dir.path(), how, groups).await;
     let layers = layers(&api).await;
     assert_layers(&layers, RANGE_LAYERS, true);
     let detail = layers["user_namespace"]["detail"].as_str().unwrap();
@@ -488,7 +513,11 @@ async fn each_slot_has_its_own_uid_of_the_range(how: Remapped) {
         &["mount_namespace", "network_namespace", "ipc_namespace"],
         true,
     );
-    assert_layers(&layers, &["cgroup_memory"], false);
+    assert_layers(
+        &layers,
+        &["cgroup_memory", "cgroup_pids", "cgroup_cpu"],
+        !groups.is_empty(),
+    );
 
     // The service is the range's first id (root inside), which lies in the range too; inside
     // id i is host id start + i. (`unshare` itself, the api's parent or the api before its
@@ -506,4 +535,124 @@ async fn each_slot_has_its_own_uid_of_the_range(how: Remapped) {
     );
 
     assert_all_pass(&api, subordinate_cases()).await;
+}
+
+/// The cgroup v1 hierarchies whose groups a service without real root uses where they are
+/// delegated to its user, with a file their roots have (only a v1 hierarchy of the controller
+/// has it there).
+const V1_CONTROLLERS: [(&str, &str); 4] = [
+    ("memory", "memory.limit_in_bytes"),
+    ("pids", "cgroup.procs"),
+    ("cpu", "cpu.cfs_quota_us"),
+    ("cpuacct", "cpuacct.usage"),
+];
+
+/// A group in each cgroup v1 limit hierarchy, delegated to a user as an administrator delegates
+/// one (`cgcreate -a USER -t USER`): made by root, its directory and `cgroup.procs` given to
+/// the user. Removed on drop, with the groups made in it, once their processes are gone.
+struct DelegatedV1Groups(Vec<PathBuf>);
+
+impl DelegatedV1Groups {
+    /// The groups, delegated to `owner`; `None` where the host keeps no such hierarchy in
+    /// cgroup v1 (a cgroup v2 host).
+    fn make(owner: u32) -> Option<Self> {
+        let root = Path::new("/sys/fs/cgroup");
+        if !V1_CONTROLLERS
+            .iter()
+            .all(|(controller, file)| root.join(controller).join(file).is_file())
+        {
+            return None;
+        }
+        let name = format!("pyrunner-test-delegated-{}", std::process::id());
+        let groups = Self(
+            V1_CONTROLLERS
+                .iter()
+                .map(|(controller, _)| root.join(controller).join(&name))
+                .collect(),
+        );
+        for group in &groups.0 {
+            std::fs::create_dir(group).unwrap();
+            for path in [group.clone(), group.join("cgroup.procs")] {
+                std::os::unix::fs::chown(&path, Some(owner), Some(owner)).unwrap();
+            }
+        }
+        Some(groups)
+    }
+}
+
+impl Drop for DelegatedV1Groups {
+    fn drop(&mut self) {
+        /// Every group below `dir`, deepest first.
+        fn below(dir: &Path, out: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    below(&entry.path(), out);
+                    out.push(entry.path());
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for group in &self.0 {
+            let mut groups = Vec::new();
+            below(group, &mut groups);
+            groups.push(group.clone());
+            for group in groups {
+                // A group empties as its killed processes finish exiting.
+                while std::fs::remove_dir(&group).is_err() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+/// On a host that keeps its limit controllers in cgroup v1 (as this project's reference host
+/// does), a service without real root whose user has a group of each hierarchy delegated to
+/// it puts its slots' groups there, and has every layer: its runs pass the whole hostile-code
+/// catalogue, the cases that need cgroups (a memory hog spread over processes, two processes
+/// spinning against the CPU quota, a child never waited for) included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_real_root_a_delegated_cgroup_v1_group_gives_every_layer() {
+    let Some(groups) = DelegatedV1Groups::make(NOBODY) else {
+        // The cgroup v2 counterpart runs in scripts/cgroup-v2-test.
+        eprintln!("skipped: this host keeps its limit controllers in cgroup v2");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let api = start_as_nobody_with_subordinate_ids_in(dir.path(), &groups.0).await;
+    let layers = layers(&api).await;
+    let inactive: Vec<_> = layers
+        .iter()
+        .filter(|(_, layer)| layer["active"] != true)
+        .collect();
+    assert!(inactive.is_empty(), "inactive layers: {inactive:?}");
+    let detail = layers["cgroup_memory"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("cgroup v1") && detail.contains("delegated"),
+        "{detail}"
+    );
+
+    // The slots' groups are in the delegated ones, each with its limits.
+    let slots: Vec<PathBuf> = std::fs::read_dir(groups.0[0].join("pyrunner"))
+        .expect("the slots' memory groups are in the delegated group")
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.is_dir())
+        .collect();
+    assert!(slots.len() >= 2, "{slots:?}");
+    let pids_max = groups.0[1].join("pyrunner/uid-64000/pids.max");
+    assert_eq!(
+        std::fs::read_to_string(&pids_max).unwrap().trim(),
+        "64",
+        "{}",
+        pids_max.display()
+    );
+    let quota = groups.0[2].join("pyrunner/uid-64000/cpu.cfs_quota_us");
+    assert_eq!(std::fs::read_to_string(&quota).unwrap().trim(), "100000");
+
+    let mut cases = hostile();
+    cases.extend(subordinate_cases());
+    assert_all_pass(&api, cases).await;
+    drop(api);
+    drop(groups);
 }

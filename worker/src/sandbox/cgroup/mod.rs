@@ -94,7 +94,7 @@ impl RunWatch {
 /// The cgroup version whose hierarchies hold the slots' groups on this host.
 #[derive(Debug)]
 enum Hierarchy {
-    V1,
+    V1(v1::Parents),
     V2(v2::Base),
 }
 
@@ -106,12 +106,13 @@ static FOUND: OnceLock<Result<Hierarchy, String>> = OnceLock::new();
 fn hierarchy() -> Result<&'static Hierarchy, &'static str> {
     FOUND
         .get_or_init(|| {
-            if v1::available() {
-                return Ok(Hierarchy::V1);
-            }
+            let v1 = match v1::Parents::find() {
+                Ok(parents) => return Ok(Hierarchy::V1(parents)),
+                Err(why) => why,
+            };
             v2::Base::set_up()
                 .map(Hierarchy::V2)
-                .map_err(|v2| format!("no writable cgroup v1 memory and pids hierarchies; {v2}"))
+                .map_err(|v2| format!("{v1}; {v2}"))
         })
         .as_ref()
         .map_err(String::as_str)
@@ -179,7 +180,9 @@ impl SlotCgroups {
     /// with `limits`, in the hierarchy [`available`] found.
     pub fn create(name: &str, limits: CgroupLimits) -> Result<Self, CgroupError> {
         match hierarchy() {
-            Ok(Hierarchy::V1) => v1::SlotGroups::create(name, limits).map(Groups::V1),
+            Ok(Hierarchy::V1(parents)) => {
+                v1::SlotGroups::create(parents, name, limits).map(Groups::V1)
+            }
             Ok(Hierarchy::V2(base)) => v2::SlotGroup::create(base, name, limits).map(Groups::V2),
             Err(reason) => Err(CgroupError::Create {
                 path: PathBuf::from(name),
@@ -195,12 +198,20 @@ impl SlotCgroups {
             (Groups::V2(_), Ok(Hierarchy::V2(base))) => {
                 format!("cgroup v2, one group per slot in {}", base.dir().display())
             }
-            (Groups::V1(groups), _) if groups.counts_cpu() => {
-                "cgroup v1, one group per slot and controller".to_owned()
+            (Groups::V1(groups), Ok(Hierarchy::V1(parents))) => {
+                let mut described = format!(
+                    "cgroup v1, one group per slot and controller {}",
+                    parents.describe()
+                );
+                if !groups.counts_cpu() {
+                    described.push_str(
+                        "; no cpuacct, so a run's CPU time leaves out its processes never \
+                         waited for",
+                    );
+                }
+                described
             }
-            _ => "cgroup v1, one group per slot and controller; no cpuacct, so a run's CPU \
-                  time leaves out its processes never waited for"
-                .to_owned(),
+            _ => "cgroups of another hierarchy than the one found".to_owned(),
         }
     }
 

@@ -1,5 +1,13 @@
 //! cgroup v1: a memory, a pids and (where the host has the controllers) a cpu and a cpuacct
 //! group per slot, in the hierarchies where a hybrid host keeps its limit controllers.
+//!
+//! The slot groups live under `pyrunner/` in each hierarchy's root where the worker may write
+//! there (root on a host, or a container given a writable directory per controller), else in the
+//! worker's own group of that hierarchy where that group is delegated to the worker's user: its
+//! directory is the user's, as `cgcreate -a USER -t USER` or an administrator's `chown` makes it
+//! (cgroup v1 has no other delegation). A process may move itself into a group whose
+//! `cgroup.procs` it may write, so the runs' children, which join their groups themselves before
+//! they take their slot's uid, need nothing more.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -12,25 +20,94 @@ const ROOT: &str = "/sys/fs/cgroup";
 /// The parent group of every slot group, in each hierarchy.
 const PARENT: &str = "pyrunner";
 
-/// Whether this host has a writable v1 hierarchy for `controller`, whose root has `file`.
-fn writable(controller: &str, file: &str) -> bool {
-    let dir = Path::new(ROOT).join(controller);
-    dir.join(file).is_file() && nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
+/// Where the slots' groups go in each v1 hierarchy: the directory under which [`PARENT`] is made.
+#[derive(Debug)]
+pub(super) struct Parents {
+    memory: PathBuf,
+    pids: PathBuf,
+    /// Where the host has a writable cpu hierarchy with CFS quotas.
+    cpu: Option<PathBuf>,
+    /// Where the host has a writable cpuacct hierarchy (to count each run's CPU time).
+    cpuacct: Option<PathBuf>,
+    /// Whether any of them is the worker's own group, delegated to its user, rather than the
+    /// hierarchy's root.
+    delegated: bool,
 }
 
-/// Whether this host has writable v1 memory and pids hierarchies.
-pub(super) fn available() -> bool {
-    writable("memory", "cgroup.procs") && writable("pids", "cgroup.procs")
+impl Parents {
+    /// Finds a writable place in the memory and pids hierarchies (and in the cpu and cpuacct
+    /// ones, where they are), or says why there is none.
+    pub(super) fn find() -> Result<Self, String> {
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let place = |controller, file| place(Path::new(ROOT), controller, file, &own);
+        let (Some(memory), Some(pids)) = (
+            place("memory", "memory.limit_in_bytes"),
+            // The root of the pids hierarchy has none of its controller's files.
+            place("pids", "cgroup.procs"),
+        ) else {
+            return Err(
+                "no writable cgroup v1 memory and pids hierarchies, nor groups of them                  delegated to the service's user"
+                    .to_owned(),
+            );
+        };
+        let cpu = place("cpu", "cpu.cfs_quota_us");
+        let cpuacct = place("cpuacct", "cpuacct.usage");
+        let delegated = [Some(&memory), Some(&pids), cpu.as_ref(), cpuacct.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(|(_, delegated)| *delegated);
+        Ok(Self {
+            memory: memory.0,
+            pids: pids.0,
+            cpu: cpu.map(|(dir, _)| dir),
+            cpuacct: cpuacct.map(|(dir, _)| dir),
+            delegated,
+        })
+    }
+
+    /// Where the groups are, for the isolation report.
+    pub(super) fn describe(&self) -> String {
+        if self.delegated {
+            format!(
+                "in the groups delegated to the service ({})",
+                self.memory.display()
+            )
+        } else {
+            "in each hierarchy's root".to_owned()
+        }
+    }
 }
 
-/// Whether this host has a writable v1 cpu hierarchy with CFS quotas.
-fn cpu_available() -> bool {
-    writable("cpu", "cpu.cfs_quota_us")
+/// Where the slots' groups of `controller` go, and whether that is a delegated group: the
+/// hierarchy's root under `root` if the worker may write there, else the worker's own group of
+/// that hierarchy (from `own`, the text of `/proc/self/cgroup`) if it may write there. `file`
+/// names a file that the hierarchy's root and its groups have.
+fn place(root: &Path, controller: &str, file: &str, own: &str) -> Option<(PathBuf, bool)> {
+    let hierarchy = root.join(controller);
+    if !hierarchy.join(file).is_file() {
+        return None;
+    }
+    if writable(&hierarchy) {
+        return Some((hierarchy, false));
+    }
+    let group = own_group(own, controller)?.trim_start_matches('/');
+    let dir = hierarchy.join(group);
+    (!group.is_empty() && dir.join(file).is_file() && writable(&dir)).then_some((dir, true))
 }
 
-/// Whether this host has a writable v1 cpuacct hierarchy (to count each run's CPU time).
-fn cpuacct_available() -> bool {
-    writable("cpuacct", "cpuacct.usage")
+/// Whether the worker may make groups in `dir`.
+fn writable(dir: &Path) -> bool {
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
+}
+
+/// The process's group in the v1 hierarchy of `controller`, from `/proc/self/cgroup` (its
+/// `ID:controllers:path` line whose controllers name it).
+fn own_group<'a>(proc_cgroup: &'a str, controller: &str) -> Option<&'a str> {
+    proc_cgroup.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        (!controller.is_empty() && controllers.split(',').any(|c| c == controller)).then_some(path)
+    })
 }
 
 /// The CPU time a v1 cpuacct group has used, in microseconds.
@@ -62,11 +139,14 @@ pub(super) struct SlotGroups {
 }
 
 impl SlotGroups {
-    /// Creates (or reuses) the groups of the slot named `name`, with `limits`.
-    pub(super) fn create(name: &str, limits: CgroupLimits) -> Result<Self, CgroupError> {
-        let root = Path::new(ROOT);
-        let make = |controller: &str| -> Result<PathBuf, CgroupError> {
-            let path = root.join(controller).join(PARENT).join(name);
+    /// Creates (or reuses) the groups of the slot named `name` under `parents`, with `limits`.
+    pub(super) fn create(
+        parents: &Parents,
+        name: &str,
+        limits: CgroupLimits,
+    ) -> Result<Self, CgroupError> {
+        let make = |parent: &Path| -> Result<PathBuf, CgroupError> {
+            let path = parent.join(PARENT).join(name);
             fs::create_dir_all(&path)
                 // One path per group where the host mounts controllers together (`cpu` and
                 // `cpuacct` are links to `cpu,cpuacct`), so that a child joins it once.
@@ -76,9 +156,9 @@ impl SlotGroups {
                     source,
                 })
         };
-        let cpu = match limits.cpus {
-            Some(cpus) if cpu_available() => {
-                let cpu = make("cpu")?;
+        let cpu = match (limits.cpus, &parents.cpu) {
+            (Some(cpus), Some(parent)) => {
+                let cpu = make(parent)?;
                 write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
                 write(
                     &cpu.join("cpu.cfs_quota_us"),
@@ -88,10 +168,10 @@ impl SlotGroups {
             }
             _ => None,
         };
-        let cpuacct = cpuacct_available().then(|| make("cpuacct")).transpose()?;
+        let cpuacct = parents.cpuacct.as_deref().map(make).transpose()?;
         let groups = Self {
-            memory: make("memory")?,
-            pids: make("pids")?,
+            memory: make(&parents.memory)?,
+            pids: make(&parents.pids)?,
             cpu,
             cpuacct,
             memory_limit: AtomicU64::new(0),
@@ -184,5 +264,48 @@ impl SlotGroups {
             peak_kb: read_u64(&self.memory.join("memory.max_usage_in_bytes")).map(|b| b / 1024),
             cpu_us: watch.cpu_since(self.cpuacct.as_deref().and_then(cpu_used_us)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROC_CGROUP: &str = "12:pids:/svc/pyrunner\n\
+                               4:cpu,cpuacct:/svc\n\
+                               3:memory:/a:b\n\
+                               1:name=systemd:/user.slice\n\
+                               0::/user.slice/svc.service\n";
+
+    #[test]
+    fn finds_the_own_group_of_each_controller() {
+        assert_eq!(own_group(PROC_CGROUP, "pids"), Some("/svc/pyrunner"));
+        assert_eq!(own_group(PROC_CGROUP, "cpu"), Some("/svc"));
+        assert_eq!(own_group(PROC_CGROUP, "cpuacct"), Some("/svc"));
+        // A path may hold a colon.
+        assert_eq!(own_group(PROC_CGROUP, "memory"), Some("/a:b"));
+        assert_eq!(own_group(PROC_CGROUP, "blkio"), None);
+        // Neither the named hierarchy nor the unified one is a controller's.
+        assert_eq!(own_group(PROC_CGROUP, "systemd"), None);
+        assert_eq!(own_group(PROC_CGROUP, ""), None);
+    }
+
+    #[test]
+    fn a_hierarchy_without_the_controller_s_file_is_no_place() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("memory")).unwrap();
+        assert_eq!(
+            place(root.path(), "memory", "memory.limit_in_bytes", PROC_CGROUP),
+            None
+        );
+        assert_eq!(
+            place(root.path(), "pids", "cgroup.procs", PROC_CGROUP),
+            None
+        );
+        std::fs::write(root.path().join("memory/memory.limit_in_bytes"), "").unwrap();
+        assert_eq!(
+            place(root.path(), "memory", "memory.limit_in_bytes", PROC_CGROUP),
+            Some((root.path().join("memory"), false))
+        );
     }
 }
