@@ -303,14 +303,21 @@ async fn service_info(State(state): State<AppState>) -> Json<serde_json::Value> 
     }))
 }
 
-/// `GET /isolation`: every isolation layer the service knows, each with whether runs get it and
-/// the specifics (or why not), and the names of the active ones.
+/// `GET /isolation`: every isolation layer the service knows, each with whether every run gets it
+/// and the specifics (or why not), and the names of the active ones; in a fleet, also how many
+/// live workers reported (a layer is active only where all of them have it).
 async fn isolation(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     match state.backend().isolation().await {
-        Some(layers) => Ok(Json(json!({
-            "active": isolation::active_layers(&layers),
-            "layers": layers,
-        }))),
+        Some((layers, workers)) => {
+            let mut body = json!({
+                "active": isolation::active_layers(&layers),
+                "layers": layers,
+            });
+            if let Some(workers) = workers {
+                body["workers"] = workers.into();
+            }
+            Ok(Json(body))
+        }
         None => Err(ApiError::unavailable(
             "no worker has reported its isolation layers yet",
             "no runtime information in the store",

@@ -4,6 +4,7 @@ use std::future::Future;
 
 use pyrunner_shared::queue::{Publisher, QueueError};
 use pyrunner_shared::queue_registry::QueueRegistry;
+use pyrunner_shared::roster::WorkerRoster;
 use pyrunner_shared::store::{RedisStore, StoreError};
 use pyrunner_worker::config::SetupError;
 use pyrunner_worker::runtime::RuntimeError;
@@ -70,8 +71,9 @@ impl Api {
             (Some(amqp), Some(redis), KeyStore::Redis(pool)) => {
                 let publisher = Publisher::connect(amqp, &config.queue).await?;
                 let registry = QueueRegistry::new(pool.clone(), redis, &config.queue.name);
+                let roster = WorkerRoster::new(pool.clone(), &config.queue.name);
                 let redis = RedisStore::new(redis, config.result_ttl(), config.max_sync_waiters)?;
-                let backend = FleetBackend::new(publisher, redis, registry);
+                let backend = FleetBackend::new(publisher, redis, registry, roster);
                 (Backend::Fleet(backend), None)
             }
             (None, None, _) => {

@@ -121,6 +121,43 @@ pub fn missing<'a>(report: &IsolationReport, required: &'a [String]) -> Vec<(&'a
         .collect()
 }
 
+/// What every run of a fleet gets, from its workers' `reports`: a layer is active only where
+/// every worker has it (a run may go to any of them). Where the workers differ, the detail says
+/// on how many of them the layer is off, and why; where they agree, it is theirs.
+pub fn weakest(reports: &[IsolationReport]) -> IsolationReport {
+    let names: std::collections::BTreeSet<&String> =
+        reports.iter().flat_map(|report| report.keys()).collect();
+    let not_reported = LayerStatus::inactive("not reported");
+    names
+        .into_iter()
+        .map(|name| {
+            let statuses: Vec<&LayerStatus> = reports
+                .iter()
+                .map(|report| report.get(name).unwrap_or(&not_reported))
+                .collect();
+            let off: Vec<&LayerStatus> = statuses.iter().copied().filter(|s| !s.active).collect();
+            let details = |of: &[&LayerStatus]| {
+                let distinct: std::collections::BTreeSet<&str> =
+                    of.iter().map(|s| s.detail.as_str()).collect();
+                distinct.into_iter().collect::<Vec<_>>().join(" | ")
+            };
+            let status = if off.is_empty() {
+                LayerStatus::active(details(&statuses))
+            } else if off.len() == statuses.len() {
+                LayerStatus::inactive(details(&off))
+            } else {
+                LayerStatus::inactive(format!(
+                    "off on {} of the {} workers: {}",
+                    off.len(),
+                    statuses.len(),
+                    details(&off)
+                ))
+            };
+            (name.clone(), status)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +189,47 @@ mod tests {
             ]
         );
         assert_eq!(active_layers(&report), ["seccomp"]);
+    }
+
+    #[test]
+    fn a_fleet_has_a_layer_only_where_every_worker_has_it() {
+        let report = |layers: &[(&str, bool, &str)]| -> IsolationReport {
+            layers
+                .iter()
+                .map(|(name, active, detail)| {
+                    let status = if *active {
+                        LayerStatus::active(*detail)
+                    } else {
+                        LayerStatus::inactive(*detail)
+                    };
+                    ((*name).to_owned(), status)
+                })
+                .collect()
+        };
+        let full = report(&[
+            ("seccomp", true, "allowlist"),
+            ("cgroup_cpu", true, "1 core"),
+            ("landlock", false, "kernel without it"),
+        ]);
+        let fewer = report(&[
+            ("seccomp", true, "allowlist"),
+            ("cgroup_cpu", false, "no quota asked for"),
+            ("landlock", false, "kernel without it"),
+        ]);
+        let fleet = weakest(&[full.clone(), fewer, report(&[("seccomp", true, "list")])]);
+        assert_eq!(fleet["seccomp"], LayerStatus::active("allowlist | list"));
+        assert_eq!(
+            fleet["cgroup_cpu"],
+            LayerStatus::inactive("off on 2 of the 3 workers: no quota asked for | not reported")
+        );
+        assert_eq!(
+            fleet["landlock"],
+            LayerStatus::inactive("kernel without it | not reported")
+        );
+        assert_eq!(active_layers(&fleet), ["seccomp"]);
+        // One worker, or workers that agree: their own report.
+        assert_eq!(weakest(std::slice::from_ref(&full)), full);
+        assert_eq!(weakest(&[full.clone(), full.clone()]), full);
+        assert!(weakest(&[]).is_empty());
     }
 }

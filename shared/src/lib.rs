@@ -20,6 +20,7 @@ pub mod limits;
 pub mod outcome;
 pub mod queue;
 pub mod queue_registry;
+pub mod roster;
 pub mod runtime;
 pub mod service;
 pub mod store;

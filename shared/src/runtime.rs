@@ -19,6 +19,20 @@ pub struct RuntimeInfo {
     pub isolation: crate::isolation::IsolationReport,
 }
 
+impl RuntimeInfo {
+    /// What a fleet whose workers sent `reports` offers every run: the runtime of the first
+    /// report, and the isolation layers every worker has ([`isolation::weakest`]); `None`
+    /// without a report.
+    ///
+    /// [`isolation::weakest`]: crate::isolation::weakest
+    pub fn of_fleet(mut reports: Vec<RuntimeInfo>) -> Option<RuntimeInfo> {
+        let layers: Vec<_> = reports.iter().map(|r| r.isolation.clone()).collect();
+        let mut first = reports.drain(..).next()?;
+        first.isolation = crate::isolation::weakest(&layers);
+        Some(first)
+    }
+}
+
 /// One installed distribution.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Package {

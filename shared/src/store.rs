@@ -162,7 +162,6 @@ mod keys {
     pub fn owner(id: JobId) -> String {
         format!("pyrunner:job:{{{id}}}:owner")
     }
-    pub const RUNTIME: &str = "pyrunner:runtime";
     /// The channel on which the api tells the workers which job to stop.
     pub const CANCEL: &str = "pyrunner:cancel";
 }
@@ -337,19 +336,6 @@ impl RedisStore {
         let mut conn = self.pool.get().await?;
         let _: String = redis::cmd("PING").query_async(&mut *conn).await?;
         Ok(())
-    }
-
-    /// Publishes what a worker's runtime offers, for `GET /`.
-    pub async fn put_runtime_info(&self, json: &str) -> Result<(), StoreError> {
-        let mut conn = self.pool.get().await?;
-        let _: () = conn.set(keys::RUNTIME, json).await?;
-        Ok(())
-    }
-
-    /// What the workers last published about their runtime.
-    pub async fn runtime_info(&self) -> Result<Option<String>, StoreError> {
-        let mut conn = self.pool.get().await?;
-        Ok(conn.get(keys::RUNTIME).await?)
     }
 }
 

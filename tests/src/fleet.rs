@@ -160,10 +160,16 @@ impl Fleet {
 
     /// Starts one more worker; returns its index.
     pub fn add_worker(&mut self) -> usize {
+        self.add_worker_with(&[])
+    }
+
+    /// Starts one more worker, with `env` on top of the fleet's environment; returns its index.
+    pub fn add_worker_with(&mut self, env: &[(&str, &str)]) -> usize {
         let index = self.workers.len();
         let log = self.logs.path().join(format!("worker-{index}.log"));
         let child = Command::new(binary("pyrunner-worker"))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null())
             .spawn()

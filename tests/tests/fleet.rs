@@ -207,3 +207,61 @@ async fn readiness_follows_the_workers_and_a_sync_run_without_one_gets_504() {
     assert_eq!(json!(result.layers), report.body["active"]);
     fleet.stop().await;
 }
+
+/// Waits (at most 30 s) until `/isolation` counts `workers` live workers, and returns it.
+async fn isolation_of(fleet: &Fleet, workers: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = get(&format!("{}/isolation", fleet.url)).await;
+        if report.status == 200 && report.body["workers"] == workers {
+            return report.body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/isolation never counted {workers} workers: {report:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A run may go to any worker, so the fleet's report holds a layer active only where every live
+/// worker has it, and says on how many it is off: a worker that joins with fewer layers lowers
+/// it at once, and it comes back when that worker stops. Each result still names its own run's
+/// layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_reports_only_the_layers_every_worker_has() {
+    let mut fleet = Fleet::start(1, &[("PYRUNNER_CONCURRENCY", "1")]).await;
+    let full = isolation_of(&fleet, 1).await;
+    assert_eq!(full["layers"]["cgroup_cpu"]["active"], true, "{full}");
+
+    // A worker without a CPU quota per run.
+    let fewer = fleet.add_worker_with(&[("PYRUNNER_CPUS_PER_RUN", "0")]);
+    let mixed = isolation_of(&fleet, 2).await;
+    let cpu = &mixed["layers"]["cgroup_cpu"];
+    assert_eq!(cpu["active"], false, "{mixed}");
+    let detail = cpu["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("off on 1 of the 2 workers: no quota asked for"),
+        "{detail}"
+    );
+    assert!(
+        !mixed["active"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("cgroup_cpu")),
+        "{mixed}"
+    );
+    // The layers both have stay active, as `GET /` says too.
+    assert_eq!(mixed["layers"]["seccomp"]["active"], true, "{mixed}");
+    let info = get(&format!("{}/", fleet.url)).await;
+    assert_eq!(info.body["isolation"], mixed["active"]);
+    // It stays so, whichever worker reported last (each reports every 10 s).
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(isolation_of(&fleet, 2).await, mixed);
+
+    // A worker that stops takes itself off at once.
+    fleet.terminate_worker(fewer, Duration::from_secs(30));
+    let back = isolation_of(&fleet, 1).await;
+    assert_eq!(back, full);
+    fleet.stop().await;
+}

@@ -2,6 +2,7 @@ use anyhow::Context;
 use clap::Parser;
 use pyrunner_shared::ledger::Ledger;
 use pyrunner_shared::queue_registry::QueueRegistry;
+use pyrunner_shared::roster::WorkerRoster;
 use pyrunner_shared::service::{init_logging, shutdown_signal};
 use pyrunner_shared::store::{redis_pool, RedisStore, ResultStore};
 use pyrunner_worker::config::WorkerConfig;
@@ -30,29 +31,19 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         "runtime ready"
     );
     let redis = RedisStore::new(&config.redis_url, config.result_ttl(), 4)?;
-    redis
-        .put_runtime_info(&serde_json::to_string(&info)?)
+    // The ledger, the registry of the keys' queues and the roster of workers share a pool.
+    let callers = redis_pool(&config.redis_url, 8)?;
+    // The api reads the roster for `GET /isolation` and `GET /`.
+    let membership = WorkerRoster::new(callers.clone(), &config.queue.name)
+        .join(serde_json::to_string(&info)?)
         .await
         .context("cannot reach redis")?;
-    // Republished now and then: a Redis restart loses it, and the api reads it for `GET /`.
-    let info_json = serde_json::to_string(&info)?;
-    let publisher = redis.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
-            if let Err(error) = publisher.put_runtime_info(&info_json).await {
-                tracing::debug!(%error, "cannot republish the runtime info");
-            }
-        }
-    });
-    // The ledger and the registry of the keys' queues share a pool.
-    let callers = redis_pool(&config.redis_url, 8)?;
     let runner = Runner::new(
         executor,
         ResultStore::Redis(redis),
         Ledger::Redis(callers.clone()),
     );
-    pyrunner_worker::consumer::consume(
+    let consumed = pyrunner_worker::consumer::consume(
         &config.amqp_url,
         &config.queue,
         QueueRegistry::new(callers, &config.redis_url, &config.queue.name),
@@ -60,6 +51,8 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         config.shutdown_grace(),
         shutdown_signal(),
     )
-    .await?;
+    .await;
+    membership.leave().await;
+    consumed?;
     Ok(())
 }

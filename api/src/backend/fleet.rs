@@ -2,6 +2,7 @@
 
 use pyrunner_shared::queue::{Publisher, QueueError};
 use pyrunner_shared::queue_registry::QueueRegistry;
+use pyrunner_shared::roster::WorkerRoster;
 use pyrunner_shared::runtime::RuntimeInfo;
 use pyrunner_shared::store::{RedisStore, ResultStore};
 use pyrunner_shared::Job;
@@ -15,17 +16,25 @@ pub struct FleetBackend {
     redis: RedisStore,
     store: ResultStore,
     registry: QueueRegistry,
+    roster: WorkerRoster,
 }
 
 impl FleetBackend {
     /// Publishes with `publisher` (keyed jobs to their key's queue, which `registry` makes
-    /// known to the workers) and reads results from `redis`.
-    pub fn new(publisher: Publisher, redis: RedisStore, registry: QueueRegistry) -> Self {
+    /// known to the workers), reads results from `redis`, and what the workers offer from
+    /// `roster`.
+    pub fn new(
+        publisher: Publisher,
+        redis: RedisStore,
+        registry: QueueRegistry,
+        roster: WorkerRoster,
+    ) -> Self {
         Self {
             publisher,
             store: ResultStore::Redis(redis.clone()),
             redis,
             registry,
+            roster,
         }
     }
 
@@ -62,8 +71,20 @@ impl FleetBackend {
         }
     }
 
-    pub(super) async fn runtime_info(&self) -> Option<RuntimeInfo> {
-        let json = self.redis.runtime_info().await.ok().flatten()?;
-        serde_json::from_str(&json).ok()
+    /// What every run gets, whichever live worker takes it, and how many workers reported;
+    /// `None` until one has.
+    pub(super) async fn runtime_info(&self) -> Option<(RuntimeInfo, usize)> {
+        let reports: Vec<RuntimeInfo> = match self.roster.live().await {
+            Ok(reports) => reports
+                .iter()
+                .filter_map(|json| serde_json::from_str(json).ok())
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the workers' roster");
+                return None;
+            }
+        };
+        let workers = reports.len();
+        RuntimeInfo::of_fleet(reports).map(|info| (info, workers))
     }
 }

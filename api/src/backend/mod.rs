@@ -136,20 +136,30 @@ impl Backend {
         }
     }
 
-    /// What the workers' runtime offers, when known.
-    pub async fn runtime_info(&self) -> Option<RuntimeInfo> {
+    /// What the runtime offers every run, when known: the executor's (embedded), or what every
+    /// live worker has (fleet); with the number of workers that reported, in a fleet.
+    pub async fn runtime(&self) -> Option<(RuntimeInfo, Option<usize>)> {
         match self {
-            Backend::Fleet(b) => b.runtime_info().await,
-            Backend::Embedded(b) => Some(b.runtime_info().clone()),
+            Backend::Fleet(b) => b
+                .runtime_info()
+                .await
+                .map(|(info, workers)| (info, Some(workers))),
+            Backend::Embedded(b) => Some((b.runtime_info().clone(), None)),
         }
     }
 
-    /// Every isolation layer and whether runs get it, as the executor (embedded) or the last
-    /// worker to start (fleet) reported; `None` until a worker has.
-    pub async fn isolation(&self) -> Option<IsolationReport> {
-        self.runtime_info()
+    /// What the runtime offers every run, when known.
+    pub async fn runtime_info(&self) -> Option<RuntimeInfo> {
+        self.runtime().await.map(|(info, _)| info)
+    }
+
+    /// Every isolation layer and whether every run gets it, as the executor (embedded) or every
+    /// live worker (fleet: a layer only where all of them have it) reported, with the number of
+    /// workers in a fleet; `None` until a worker has reported.
+    pub async fn isolation(&self) -> Option<(IsolationReport, Option<usize>)> {
+        self.runtime()
             .await
-            .map(|r| r.isolation)
-            .filter(|report| !report.is_empty())
+            .map(|(info, workers)| (info.isolation, workers))
+            .filter(|(report, _)| !report.is_empty())
     }
 }
