@@ -37,14 +37,18 @@ pub async fn wait_ready(base: &str, within: Duration) {
     }
 }
 
-/// Waits for a fleet's `/isolation` report (each worker logs the layers its runs get), and
-/// panics unless every layer `expected` names is active. Returns "N of M layers active" and
-/// the report.
-pub async fn fleet_layers(base: &str, expected: impl Fn(&str) -> bool) -> (String, Value) {
+/// Waits until a fleet's `/isolation` report counts `workers` live workers (it holds the layers
+/// every one of them has), and panics unless every layer `expected` names is active. Returns
+/// "N of M layers active" and the report.
+pub async fn fleet_layers(
+    base: &str,
+    workers: usize,
+    expected: impl Fn(&str) -> bool,
+) -> (String, Value) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let report = loop {
         let reply = get(&format!("{base}/isolation")).await;
-        if reply.status == 200 {
+        if reply.status == 200 && reply.body["workers"] == workers {
             break reply.body;
         }
         assert!(Instant::now() < deadline, "/isolation: {reply:?}");
@@ -68,7 +72,11 @@ pub async fn fleet_layers(base: &str, expected: impl Fn(&str) -> bool) -> (Strin
         "inactive layers:\n{}",
         missing.join("\n")
     );
-    let summary = format!("{} of {} layers active", active.len(), all.len());
+    let summary = format!(
+        "{} of {} layers active, on each of the {workers} workers",
+        active.len(),
+        all.len()
+    );
     (summary, report)
 }
 

@@ -252,7 +252,7 @@ fn check_containers(stack: &Stack) -> String {
 /// cgroup v2 host or when the v1 file is added.
 async fn check_isolation(base: &str, stack: &Stack) -> String {
     let expected = |name: &str| stack.cgroups || !name.starts_with("cgroup_");
-    checks::fleet_layers(base, expected).await.0
+    checks::fleet_layers(base, stack.workers, expected).await.0
 }
 
 /// The async path and cancellation, beside the status catalogue.

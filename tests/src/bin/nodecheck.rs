@@ -218,7 +218,10 @@ async fn check(
     };
     report.awaited("the api pod is ready", ready).await;
     report
-        .awaited("the workers' isolation layers", check_isolation(&base))
+        .awaited(
+            "the workers' isolation layers",
+            check_isolation(&base, worker_pods.len()),
+        )
         .await;
     report
         .catalogue(&base, "status catalogue", statuses(), "all as documented")
@@ -391,9 +394,9 @@ async fn check_api(runtime: &Runtime, id: &str) -> String {
     String::from("uid 65532, no capability, no_new_privs, seccomp RuntimeDefault, read-only root")
 }
 
-/// Every layer is active.
-async fn check_isolation(base: &str) -> String {
-    let (summary, report) = checks::fleet_layers(base, |_| true).await;
+/// Every layer is active on each of the `workers` workers.
+async fn check_isolation(base: &str, workers: usize) -> String {
+    let (summary, report) = checks::fleet_layers(base, workers, |_| true).await;
     let cgroup = &report["layers"]["cgroup_memory"]["detail"];
     format!("{summary}; cgroup_memory: {cgroup}")
 }
