@@ -17,8 +17,8 @@ use crate::store::StoreError;
 /// How often a worker reports.
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 
-/// How long a report counts without being renewed: three reports missed.
-const LIVE_FOR: Duration = Duration::from_millis(3 * 10_000 + 5_000);
+/// How long a report counts without being renewed: three reports missed, and a margin.
+const LIVE_FOR: Duration = Duration::from_secs(3 * REPORT_EVERY.as_secs() + 5);
 
 /// How long the roster of a fleet that no worker reports to any more stays in Redis.
 const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -144,11 +144,6 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// The worker's id on the roster.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// Stops renewing, and takes the worker off the roster at once (else it would count for
     /// the api until its last report lapsed).
     pub async fn leave(self) {
