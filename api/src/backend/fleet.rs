@@ -77,7 +77,13 @@ impl FleetBackend {
         let reports: Vec<RuntimeInfo> = match self.roster.live().await {
             Ok(reports) => reports
                 .iter()
-                .filter_map(|json| serde_json::from_str(json).ok())
+                .filter_map(|json| {
+                    serde_json::from_str(json)
+                        .inspect_err(|error| {
+                            tracing::warn!(%error, "a worker's runtime report does not parse");
+                        })
+                        .ok()
+                })
                 .collect(),
             Err(error) => {
                 tracing::warn!(%error, "cannot read the workers' roster");

@@ -46,7 +46,8 @@ impl Parents {
             place("pids", "cgroup.procs"),
         ) else {
             return Err(
-                "no writable cgroup v1 memory and pids hierarchies, nor groups of them                  delegated to the service's user"
+                "no writable cgroup v1 memory and pids hierarchies, nor groups of them \
+                 delegated to the service's user"
                     .to_owned(),
             );
         };
